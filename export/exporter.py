@@ -1,0 +1,248 @@
+"""Checkpoint directory -> self-contained ONNX directory that the torch-free runtime loads on its own.
+
+Steps: check (config, weights, disk space, opset) -> load the checkpoint lazily -> trace with the dynamo exporter
+-> save graph + one external-data file -> write ``llada_onnx.json`` and copy the tokenizer files -> validate in
+onnxruntime against torch. Everything is written into a temporary directory beside the output and renamed into
+place only once validation passed, so a failure or Ctrl-C never leaves a half-written export behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.checkpoint import INDEX_FILE, checkpoint_bytes, load_model, weight_files
+from ..models.config import LLaDAConfig
+from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
+from .graph import SamplerGraph
+from .validate import ValidationError, validate_export
+
+GRAPH_FILE = "model.onnx"
+DEFAULT_OPSET = 20  # the highest opset the DirectML execution provider supports
+MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's floor; the newest opset onnxruntime runs
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json")
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked; the message says what to change."""
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    files: dict[str, int]
+    validation: dict | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+
+
+class _Progress:
+    """Stage-by-stage progress on stderr: the slow stages are opaque calls, so each gets a start and a time."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.n = enabled, total, 0
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.n += 1
+        if self.enabled:
+            print(f"[{self.n}/{self.total}] {name} ...", end="", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            if self.enabled:
+                print(" failed", file=sys.stderr, flush=True)
+            raise
+        self.seconds[name] = time.perf_counter() - start
+        if self.enabled:
+            print(f" done ({self.seconds[name]:.1f} s)", file=sys.stderr, flush=True)
+
+
+def parameter_count(cfg: LLaDAConfig) -> int:
+    hd = cfg.head_dim
+    attn = cfg.d_model * (cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd) + cfg.d_model * cfg.d_model
+    mlp = 3 * cfg.d_model * cfg.mlp_hidden_size
+    per_layer = attn + mlp + 2 * cfg.d_model
+    head = 0 if cfg.weight_tying else cfg.embedding_size * cfg.d_model
+    return cfg.embedding_size * cfg.d_model + cfg.n_layers * per_layer + cfg.d_model + head
+
+
+def export(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    device: str = "cpu",
+    force: bool = False,
+    validate: bool = True,
+    progress: bool = True,
+) -> ExportResult:
+    """Export a LLaDA checkpoint (Hugging Face layout) to ``output_dir``; see the module docstring."""
+    ckpt, out = Path(checkpoint_dir), Path(output_dir)
+    cfg = _check_request(ckpt, out, dtype=dtype, opset=opset, device=device, force=force, validate=validate)
+    stages = _Progress(progress, total=5 if validate else 4)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _chmod_like_mkdir(tmp)
+        with stages.stage("loading checkpoint"):
+            model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
+        with stages.stage("tracing to ONNX (dynamo)"):
+            program = _trace(SamplerGraph(model).eval(), cfg, opset, device)
+        with stages.stage("saving graph"):
+            program.save(str(tmp / GRAPH_FILE), external_data=True)
+            del program
+        with stages.stage("writing manifest and tokenizer files"):
+            _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset)
+        report = None
+        if validate:
+            with stages.stage("validating in onnxruntime against torch"):
+                report = validate_export(tmp, model, dtype=dtype, device=device)
+            (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        del model
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    result = ExportResult(out, files, report, stages.seconds, _peak_rss_mb())
+    if progress:
+        print(summary(result), file=sys.stderr)
+    return result
+
+
+def summary(result: ExportResult) -> str:
+    lines = [f"exported to {result.output_dir}"]
+    lines += [f"  {name:28s} {size / 1e6:10.1f} MB" for name, size in result.files.items()]
+    if result.validation:
+        v = result.validation
+        lines.append(f"  validation ({v['provider']}, {v['dtype']} vs torch fp32): max |logits diff| "
+                     f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']:.3g}), top_ids agreement "
+                     f"{v['top_ids_agreement']:.4%}, max |top_prob diff| {v['top_prob_max_abs_diff']:.3g}")
+    lines.append(f"  time {sum(result.seconds.values()):.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str, force: bool,
+                   validate: bool) -> LLaDAConfig:
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
+                          f"(default {DEFAULT_OPSET}, the highest DirectML runs)")
+    if device not in ("cpu", "cuda"):
+        raise ExportError(f"unknown device {device!r}; use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda was asked for but torch sees no CUDA device")
+    if dtype == "fp16" and device == "cpu" and validate:
+        raise ExportError(
+            "an fp16 export is validated on the CUDA execution provider, and --device cpu cannot run it there "
+            "(onnxruntime's CPU provider lacks fp16 kernels for parts of the graph): use --device cuda, or "
+            "--no-validate to export without validation")
+    cfg = LLaDAConfig.from_pretrained(ckpt)  # raises for a missing/foreign/unsupported checkpoint
+    weight_files(ckpt)  # raises for missing weights
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    need = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8 + (64 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise ExportError(f"not enough disk space in {out.parent}: the export needs about {need / 1e9:.2f} GB, "
+                          f"{free / 1e9:.2f} GB is free")
+    return cfg
+
+
+def _trace(graph: SamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
+    dim = torch.export.Dim
+    batch = dim("batch", min=1, max=4096)
+    length = dim("length", min=2, max=cfg.max_sequence_length)
+    count = dim("count", min=1, max=cfg.max_sequence_length)
+    # Sample sizes other than 0/1 and distinct from each other, so no dimension gets specialised.
+    ids = torch.arange(10, dtype=torch.long, device=device).reshape(2, 5) % cfg.vocab_size
+    mask = torch.ones(2, 5, dtype=torch.long, device=device)
+    mask[1, 0] = 0
+    positions = torch.tensor([[1, 2, 4], [2, 3, 4]], dtype=torch.long, device=device)
+    quiet = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(
+            graph, (ids, mask, positions), dynamo=True, opset_version=int(opset), optimize=True,
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), external_data=True,
+            dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
+                            "positions": {0: batch, 1: count}},
+        )
+
+
+def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opset: int) -> None:
+    import onnx
+    import onnxruntime
+
+    for name in COPIED_FILES:
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, tmp / name)
+    tok_cfg_file = ckpt / "tokenizer_config.json"
+    chat_template = None
+    if tok_cfg_file.is_file():
+        chat_template = json.loads(tok_cfg_file.read_text(encoding="utf-8")).get("chat_template")
+    digest = hashlib.sha256()
+    for name in ("config.json", INDEX_FILE):
+        if (ckpt / name).is_file():
+            digest.update((ckpt / name).read_bytes())
+    provenance = {
+        "source": str(ckpt.resolve()),
+        "source_sha256": digest.hexdigest(),
+        "source_weight_bytes": checkpoint_bytes(ckpt),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    model_info = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                  "n_kv_heads": cfg.n_kv_heads, "mlp_hidden_size": cfg.mlp_hidden_size,
+                  "weight_tying": cfg.weight_tying, "parameters": parameter_count(cfg)}
+    manifest = manifest_dict(graph=GRAPH_FILE, dtype=dtype, opset=int(opset), vocab_size=cfg.embedding_size,
+                             max_sequence_length=cfg.max_sequence_length, ids=cfg.special_ids(),
+                             chat_template=chat_template, model=model_info, provenance=provenance)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp creates 0700; give the export the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+__all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "ValidationError", "export", "parameter_count", "summary"]

@@ -1,0 +1,87 @@
+"""Validation of a fresh export: run it in onnxruntime and compare with the torch model it came from.
+
+Inputs cover what the sampler sends: a batch with a left-padded row, all positions and a tail subset. fp32 must
+match torch to 1e-4 of the logit scale with identical ``top_ids`` wherever torch's choice is not a near-tie;
+fp16 is compared with torch fp32 and must be finite with at least 99% ``top_ids`` agreement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models.modeling import LLaDAModel
+from ..runtime.manifest import Manifest
+
+FP32_RELATIVE_TOLERANCE = 1e-4
+FP16_MIN_AGREEMENT = 0.99
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ValidationError(RuntimeError):
+    """The exported graph disagrees with torch beyond tolerance (figures in the message)."""
+
+
+def validation_inputs(vocab_size: int, max_length: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    length = min(24, max_length)
+    ids = rng.integers(0, vocab_size, size=(2, length), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    every = np.broadcast_to(np.arange(length, dtype=np.int64), (2, length)).copy()
+    tail = every[:, -max(1, length // 3):].copy()
+    return [{"input_ids": ids, "attention_mask": mask, "positions": p} for p in (every, tail)]
+
+
+def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = "cpu") -> dict:
+    """Compare the export in ``export_dir`` with ``model``; return the figures or raise ValidationError."""
+    import onnxruntime as ort
+
+    manifest = Manifest.load(export_dir)
+    provider = PROVIDERS[device]
+    if provider not in ort.get_available_providers():
+        raise ValidationError(f"validation needs onnxruntime's {provider}, which this install lacks "
+                              f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use --no-validate")
+    session = ort.InferenceSession(str(manifest.graph_path), providers=[provider])
+    reference = model.float() if dtype != "fp32" else model
+    max_diff = prob_diff = 0.0
+    agree = decisive_disagree = total = 0
+    scale = 1.0
+    finite = True
+    for feeds in validation_inputs(manifest.vocab_size, manifest.max_sequence_length):
+        logits, top_ids, top_prob = session.run(None, feeds)
+        with torch.no_grad():
+            t = {k: torch.from_numpy(v).to(next(reference.parameters()).device) for k, v in feeds.items()}
+            ref = reference(t["input_ids"], t["attention_mask"], t["positions"], always_mask=True).float().cpu()
+        ref_np = ref.numpy()
+        finite &= bool(np.isfinite(logits).all() and np.isfinite(top_prob).all())
+        scale = max(scale, float(ref_np.std()))
+        max_diff = max(max_diff, float(np.abs(logits.astype(np.float32) - ref_np).max()))
+        ref_top = ref_np.argmax(-1)
+        prob_diff = max(prob_diff, float(np.abs(top_prob - torch.softmax(ref, -1).amax(-1).numpy()).max()))
+        top2 = np.sort(np.partition(ref_np, -2, axis=-1)[..., -2:], axis=-1)
+        margin = top2[..., 1] - top2[..., 0]
+        same = top_ids == ref_top
+        agree += int(same.sum())
+        total += same.size
+        decisive_disagree += int((~same & (margin > 2 * FP32_RELATIVE_TOLERANCE * scale)).sum())
+    report = {
+        "provider": provider, "dtype": dtype, "reference": "torch fp32",
+        "logits_max_abs_diff": max_diff, "logit_scale": scale,
+        "logits_tolerance": FP32_RELATIVE_TOLERANCE * scale if dtype == "fp32" else None,
+        "top_ids_agreement": agree / total, "top_ids_decisive_disagreements": decisive_disagree,
+        "top_prob_max_abs_diff": prob_diff, "finite": finite, "positions_compared": total,
+    }
+    problems = []
+    if not finite:
+        problems.append("the graph produced NaN or inf")
+    if dtype == "fp32":
+        if max_diff > report["logits_tolerance"]:
+            problems.append(f"max |logits diff| {max_diff:.3g} exceeds {report['logits_tolerance']:.3g}")
+        if decisive_disagree:
+            problems.append(f"top_ids differ from torch at {decisive_disagree} position(s) that are no near-tie")
+    elif report["top_ids_agreement"] < FP16_MIN_AGREEMENT:
+        problems.append(f"top_ids agreement {report['top_ids_agreement']:.2%} is below {FP16_MIN_AGREEMENT:.0%}")
+    if problems:
+        raise ValidationError("export validation failed: " + "; ".join(problems) + f" (figures: {report})")
+    return report

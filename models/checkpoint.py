@@ -1,0 +1,120 @@
+"""Reading and writing LLaDA checkpoints in the Hugging Face layout (safetensors only).
+
+Loading builds the module on the meta device and then assigns each tensor as it is read from the memory-mapped
+safetensors files, converting dtype one tensor at a time. Peak memory is therefore about the size of the loaded
+model, not twice it: an 8B bf16 checkpoint (16 GB) loads in bf16 on a 24 GB machine. Pickled ``.bin`` files are
+never opened: checkpoints come from the internet and unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import LLaDAConfig
+from .modeling import LLaDAModel
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint's weights do not match its config (missing, unexpected or mis-shaped tensors)."""
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the single file, or every shard named by the index."""
+    index = checkpoint_dir / INDEX_FILE
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map") or {}
+        if not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{checkpoint_dir}: shard(s) named in {INDEX_FILE} are missing: {missing[:5]}")
+        return files
+    single = checkpoint_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in checkpoint_dir.glob("*.bin"))
+    hint = (f" It has {pickled[:3]}: pickled weights are not loaded for safety; convert them to safetensors first."
+            if pickled else "")
+    raise FileNotFoundError(f"{checkpoint_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}.{hint}")
+
+
+def checkpoint_bytes(checkpoint_dir: str | Path) -> int:
+    """Total size of the weight files, for disk-space checks before an export."""
+    return sum(p.stat().st_size for p in weight_files(Path(checkpoint_dir)))
+
+
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LLaDAModel:
+    from safetensors import safe_open
+
+    path = Path(checkpoint_dir)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; use one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    cfg = LLaDAConfig.from_pretrained(path)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name} has shape {list(shape)}, the config expects "
+                        f"{list(expected[name])}")
+                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:4]}")
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} unexpected tensor(s) the config does not describe, e.g. "
+            f"{sorted(unexpected)[:4]} (is weight_tying / n_layers right?)")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_model(model: LLaDAModel, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
+    """Write ``config.json`` and the weights; shards plus an index when they exceed ``max_shard_bytes``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,165 @@
+"""The LLaDA transformer in torch, numerically the official ``modeling_llada.py`` (llama block type).
+
+Parameter names follow the official checkpoint (``model.transformer.*``) so a state dict loads as is. The
+forward pass takes an optional ``positions`` index so that the LM head runs only on the rows a sampler needs;
+the exporter relies on that to keep the vocabulary-sized matmul off the rest of the canvas.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLaDAConfig
+
+
+class RMSNorm(nn.Module):
+    """Official RMSLayerNorm: normalise in float32, cast back to the input dtype, then multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[length, head_dim]`` in float32, half-rotation layout ``cat(freqs, freqs)``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool) -> torch.Tensor:
+    """``t * cos + rotate_half(t) * sin`` on ``[B, H, L, hd]``; in float32 when the config asks (official)."""
+    dtype = t.dtype
+    if full_precision:
+        t = t.float()
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    half = t.shape[-1] // 2
+    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return (t * cos + rotated * sin).to(dtype)
+
+
+class LLaDABlock(nn.Module):
+    """Pre-norm llama block: bidirectional attention with RoPE, then a SwiGLU MLP (``ff_proj`` is the gate)."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.rope_full_precision = cfg.rope_full_precision
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, length, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin, self.rope_full_precision)
+        k = apply_rotary(k, cos, sin, self.rope_full_precision)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(b, length, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        if not cfg.weight_tying:
+            self.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+
+class _Wrapper(nn.Module):
+    """Only there so parameter names read ``model.transformer.*`` as in the official checkpoint."""
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.transformer = _Transformer(cfg)
+
+
+class LLaDAModel(nn.Module):
+    """The LLaDA mask predictor: ``(input_ids, attention_mask, positions) -> logits``.
+
+    ``attention_mask`` ([B, L], 1 = token, 0 = pad) becomes an additive key-padding bias with the dtype's most
+    negative finite value, as upstream does. In eager mode a mask without zeros is dropped (the official model
+    runs unmasked then); ``always_mask=True`` keeps the bias regardless, which is what a traced graph needs and
+    gives the same numbers (adding 0 is exact).
+    """
+
+    def __init__(self, cfg: LLaDAConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Wrapper(cfg)
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      always_mask: bool = False) -> torch.Tensor:
+        """Final-norm hidden states ``[B, L, d_model]``."""
+        t = self.model.transformer
+        x = t.wte(input_ids)
+        cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
+        bias = None
+        if attention_mask is not None and (always_mask or not bool((attention_mask != 0).all())):
+            keep = (attention_mask != 0)[:, None, None, :]
+            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)
+        for block in t.blocks:
+            x = block(x, cos, sin, bias)
+        return t.ln_f(x)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.model.transformer
+        weight = t.wte.weight if self.config.weight_tying else t.ff_out.weight
+        return F.linear(h, weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, always_mask: bool = False) -> torch.Tensor:
+        """Logits ``[B, L, vocab]``, or ``[B, count, vocab]`` for the ``positions`` ``[B, count]`` only."""
+        h = self.hidden_states(input_ids, attention_mask, always_mask)
+        if positions is not None:
+            h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(h)
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "LLaDAModel":
+        """Load a Hugging Face LLaDA directory (safetensors only; see :mod:`.checkpoint`)."""
+        from .checkpoint import load_model
+
+        return load_model(checkpoint_dir, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` and safetensors weights in the official layout (sharded above ``max_shard_bytes``)."""
+        from .checkpoint import save_model
+
+        save_model(self, out_dir, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,161 @@
+"""Tiny LLaDA checkpoints in the real layout, for tests and benchmarks (no downloads).
+
+Defaults use the real vocabulary size and the official special ids, so every id path of the 8B model is
+exercised. Weights are scaled so that the model is *decisive*: projections at ~1/sqrt(fan_in) make attention and
+RoPE separate the masked positions, and the head is scaled for a logit spread of several units. With the
+default tiny init (std 0.02) every masked position would see nearly the same logits, and token-exact comparisons
+between engines would hinge on rounding noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .config import OFFICIAL_IDS, LLaDAConfig
+from .modeling import LLaDAModel
+
+OFFICIAL_VOCAB = 126464
+# The Instruct chat template, as shipped in LLaDA-8B-Instruct's tokenizer_config.json.
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+)
+SPECIAL_TOKENS = {  # text -> name of the id field (or an offset from the mask id for the header tokens)
+    "<|startoftext|>": "bos_token_id",
+    "<|endoftext|>": "eos_token_id",
+    "<|mdm_mask|>": "mask_token_id",
+    "<|start_header_id|>": 10,
+    "<|end_header_id|>": 11,
+    "<|eot_id|>": "eot_token_id",
+}
+WORDS = (
+    "the a an and or but of to in on at for with from by as is was are be been it he she they we you I not no "
+    "yes this that these those there here what which who when where why how all some any each many much more "
+    "most other such only own same so than too very can will just should now good new first last long great "
+    "little old right big high small large next early young important few public bad able day time year way "
+    "thing man world life hand part child eye woman place work week case point number group problem fact king "
+    "queen love night heart lord sir death blood sweet fair . , ! ? ; : ' \""
+).split()
+
+
+def special_ids(mask_token_id: int = OFFICIAL_IDS["mask_token_id"], **overrides: int) -> dict[str, int]:
+    ids = dict(OFFICIAL_IDS, mask_token_id=mask_token_id)
+    ids.update(overrides)
+    return ids
+
+
+def make_tiny_model(
+    *,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    mlp_hidden_size: int | None = None,
+    vocab_size: int = OFFICIAL_VOCAB,
+    weight_tying: bool = False,
+    max_sequence_length: int = 4096,
+    rope_theta: float = 500000.0,
+    logit_std: float = 4.0,
+    seed: int = 0,
+    ids: dict[str, int] | None = None,
+) -> LLaDAModel:
+    """A randomly initialised, decisive LLaDA model of the given shape."""
+    cfg = LLaDAConfig(
+        d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+        mlp_hidden_size=mlp_hidden_size or 4 * d_model,
+        vocab_size=vocab_size, embedding_size=vocab_size,
+        n_kv_heads=n_kv_heads or n_heads,
+        max_sequence_length=max_sequence_length, rope_theta=rope_theta,
+        weight_tying=weight_tying, **(ids or special_ids()),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model = LLaDAModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("wte.weight"):
+                # Tied: the embedding doubles as the head, so scale it for the logit spread instead.
+                std = logit_std / math.sqrt(d_model) if weight_tying else 1.0
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name == "model.transformer.ff_out.weight":
+                p.copy_(torch.randn(p.shape, generator=gen) * (logit_std / math.sqrt(d_model)))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def make_tiny_checkpoint(
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int | None = None,
+    with_tokenizer: bool = True,
+    chat_template: str | None = LLADA_CHAT_TEMPLATE,
+    **model_kwargs,
+) -> Path:
+    """Write a tiny checkpoint in the official Hugging Face layout and return its directory.
+
+    Files: ``config.json``, ``model.safetensors`` (or shards + index), ``generation_config.json``,
+    ``tokenizer_config.json`` (ids in ``added_tokens_decoder``, the Instruct chat template),
+    ``special_tokens_map.json`` and, with ``with_tokenizer``, a small word-level ``tokenizer.json`` whose special
+    tokens sit at the checkpoint's ids.
+    """
+    out = Path(out_dir)
+    model = make_tiny_model(**model_kwargs)
+    model.save_pretrained(out, max_shard_bytes=max_shard_bytes)
+    write_tokenizer_files(out, model.config, chat_template=chat_template, with_tokenizer=with_tokenizer)
+    return out
+
+
+def _special_token_ids(cfg: LLaDAConfig) -> dict[str, int]:
+    return {text: (getattr(cfg, f) if isinstance(f, str) else cfg.mask_token_id + f)
+            for text, f in SPECIAL_TOKENS.items()}
+
+
+def write_tokenizer_files(out: Path, cfg: LLaDAConfig, *, chat_template: str | None,
+                          with_tokenizer: bool = True) -> None:
+    specials = _special_token_ids(cfg)
+    gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    tok_cfg = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.max_sequence_length,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for t, i in sorted(specials.items(), key=lambda kv: kv[1])
+        },
+    }
+    if chat_template is not None:
+        tok_cfg["chat_template"] = chat_template
+    special_map = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    for name, obj in (("generation_config.json", gen_cfg), ("tokenizer_config.json", tok_cfg),
+                      ("special_tokens_map.json", special_map)):
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    if with_tokenizer:
+        build_word_tokenizer(specials).save(str(out / "tokenizer.json"))
+
+
+def build_word_tokenizer(specials: dict[str, int]):
+    """A word-level ``tokenizers`` tokenizer: :data:`WORDS` at ids 0.., specials at their checkpoint ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    vocab["[UNK]"] = len(vocab)
+    vocab.update(specials)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok

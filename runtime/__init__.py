@@ -1,0 +1,1 @@
+"""Torch-free LLaDA runtime: numpy + onnxruntime + tokenizers."""
