@@ -1,1 +1,16 @@
-"""Torch-free LLaDA runtime: numpy + onnxruntime + tokenizers."""
+"""Torch-free LLaDA runtime: numpy + onnxruntime + tokenizers (+ jinja2 for chat templates).
+
+Never import torch here, directly or through a dependency: a plain ``pip install llada-onnx`` must run it.
+"""
+
+from .manifest import Manifest, NotAnExportError
+from .noise import Noise
+from .pipeline import Pipeline
+from .providers import ProviderUnavailableError
+from .sampler import StepInfo, generate_ids
+from .session import GraphSession
+from .settings import SamplerSettings
+from .text import TextCodec
+
+__all__ = ["GraphSession", "Manifest", "Noise", "NotAnExportError", "Pipeline", "ProviderUnavailableError",
+           "SamplerSettings", "StepInfo", "TextCodec", "generate_ids"]

@@ -1,0 +1,209 @@
+"""``llada-onnx`` command line: ``export`` (needs the export extra), ``generate`` and ``chat`` (runtime only).
+
+Bad input is reported as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+class _Fail(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (_Fail, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"llada-onnx {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------ parsers
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llada-onnx", description="Run LLaDA diffusion language models on ONNX Runtime.")
+    sub = p.add_subparsers(dest="command")
+
+    e = sub.add_parser("export", help="export a LLaDA checkpoint directory to ONNX (needs llada-onnx[export])")
+    e.add_argument("checkpoint_dir")
+    e.add_argument("output_dir")
+    e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="fp32 for the CPU; fp16 for CUDA/DirectML (default fp32)")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20, the highest DirectML runs)")
+    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to load and validate")
+    e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    e.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the onnxruntime-vs-torch validation")
+    e.set_defaults(run=_export)
+
+    g = sub.add_parser("generate", help="generate text from prompts")
+    _model_args(g)
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    g.add_argument("--file", help="a text file with one prompt per line")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="format prompts with the model's chat template (default when it has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="use prompts as they are")
+    _sampler_args(g)
+    g.add_argument("--json", action="store_true", help="print machine-readable output")
+    g.add_argument("--show-steps", action="store_true", help="draw the canvas filling in")
+    g.set_defaults(run=_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat")
+    _model_args(c)
+    _sampler_args(c)
+    c.set_defaults(run=_chat)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="an export directory written by `llada-onnx export`")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "dml"), help="execution provider")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's choice)")
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="total steps over all blocks (default: gen length)")
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--cfg-scale", type=float, default=0.0)
+    p.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logits-eos-inf", action="store_true", help="never sample EOS")
+    p.add_argument("--confidence-eos-eot-inf", action="store_true",
+                   help="upstream's EOS/EoT confidence option, exactly as shipped")
+    p.add_argument("--confidence-eos-eot-inf-fixed", action="store_true",
+                   help="the intended behaviour: EOS and EoT get confidence 0 at every temperature")
+
+
+def _settings(args) -> dict:
+    return {
+        "gen_length": args.gen_length, "steps": args.steps or args.gen_length,
+        "block_length": min(args.block_length, args.gen_length), "temperature": args.temperature,
+        "cfg_scale": args.cfg_scale, "remasking": args.remasking, "seed": args.seed,
+        "logits_eos_inf": args.logits_eos_inf, "confidence_eos_eot_inf": args.confidence_eos_eot_inf,
+        "confidence_eos_eot_inf_fixed": args.confidence_eos_eot_inf_fixed,
+    }
+
+
+def _pipeline(args):
+    from .runtime import Pipeline
+
+    if not args.model:
+        raise _Fail("--model is required: pass a directory written by `llada-onnx export`")
+    return Pipeline.from_pretrained(args.model, provider=args.provider, threads=args.threads)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _export(args) -> int:
+    try:
+        from .export import DEFAULT_OPSET, export
+    except ImportError as e:
+        raise _Fail(f"export needs the export extra (pip install 'llada-onnx[export]'): {e}") from None
+    export(args.checkpoint_dir, args.output_dir, dtype=args.dtype,
+           opset=DEFAULT_OPSET if args.opset is None else args.opset, device=args.device,
+           force=args.force, validate=args.validate)
+    return 0
+
+
+def _generate(args) -> int:
+    from .runtime.text import read_prompt_file
+
+    prompts = list(args.prompt) + (read_prompt_file(args.file) if args.file else [])
+    if not prompts:
+        raise _Fail("no prompt given: use --prompt TEXT (repeatable) or --file PROMPTS.txt")
+    settings = _settings(args)
+    pipe = _pipeline(args)
+    chat = pipe.codec.has_chat_template if args.chat is None else args.chat
+    ids, mask = pipe.codec.encode_batch(prompts, chat)
+    display = _StepDisplay(pipe.codec, ids.shape, settings, show_steps=args.show_steps,
+                           enabled=sys.stderr.isatty() or args.show_steps)
+    start = time.perf_counter()
+    out = pipe.generate_ids(ids, mask, callback=display, **settings)
+    seconds = time.perf_counter() - start
+    display.close()
+    texts = pipe.codec.decode_batch(out[:, ids.shape[1]:])
+    if args.json:
+        tokens = out.shape[0] * settings["gen_length"]
+        print(json.dumps({
+            "model": str(pipe.manifest.directory), "provider": pipe.provider, "chat": chat,
+            "settings": settings,
+            "results": [{"prompt": p, "text": t, "prompt_ids": row[m.astype(bool)].tolist(),
+                         "output_ids": o[ids.shape[1]:].tolist()}
+                        for p, t, row, m, o in zip(prompts, texts, ids, mask, out)],
+            "timings": {"seconds": seconds, "steps": settings["steps"], "tokens_per_second": tokens / seconds},
+        }, indent=2))
+    else:
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- [{i}] {prompts[i]}")
+            print(text)
+    return 0
+
+
+def _chat(args) -> int:
+    from .runtime.chat import ChatSession
+
+    pipe = _pipeline(args)
+    session = ChatSession(pipe, **_settings(args))
+    print("llada-onnx chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        print(f"llada> {session.send(line)}")
+
+
+class _StepDisplay:
+    """Progress on stderr (steps done / total, tokens/s) and, with ``show_steps``, the canvas filling in."""
+
+    def __init__(self, codec, prompt_shape, settings, *, show_steps: bool, enabled: bool):
+        self.codec, self.show_steps, self.enabled = codec, show_steps, enabled
+        self.prompt_len = prompt_shape[1]
+        self.total = settings["steps"]
+        self.tokens = prompt_shape[0] * settings["gen_length"]
+        self.start = time.perf_counter()
+        self.mask_id = codec.manifest.id("mask_token_id")
+
+    def __call__(self, info) -> None:
+        if not self.enabled:
+            return
+        done = info.step + 1
+        rate = self.tokens * done / self.total / max(time.perf_counter() - self.start, 1e-9)
+        bar = "#" * (30 * done // self.total)
+        line = f"\rstep {done}/{self.total} [{bar:<30}] {rate:.1f} tok/s"
+        if self.show_steps:
+            row = info.canvas[0, self.prompt_len:]
+            shown = " ".join("_" if t == self.mask_id else (self.codec.tokenizer.id_to_token(int(t)) or "?")
+                             for t in row)
+            line = f"{line}\n  {shown}"
+            print(line, file=sys.stderr, flush=True)
+        else:
+            print(line, end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and not self.show_steps:
+            print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""``Pipeline``: an export directory, loaded once, turned into a text (or token) generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import Manifest
+from .noise import Noise, NoiseLike
+from .providers import ProviderSpec
+from .sampler import Callback, generate_ids
+from .session import GraphSession
+from .settings import SamplerSettings
+from .text import Prompts, TextCodec
+
+
+class Pipeline:
+    """One onnxruntime session and one tokenizer for an exported LLaDA model; build once, generate many times."""
+
+    def __init__(self, graph: GraphSession, codec: TextCodec | None):
+        self.graph = graph
+        self.manifest = graph.manifest
+        self._codec = codec
+
+    @classmethod
+    def from_pretrained(cls, onnx_dir: str | Path | None = None, provider: ProviderSpec = "cpu", *,
+                        device_id: int = 0, threads: int | None = None,
+                        session_options: ort.SessionOptions | None = None,
+                        allow_fallback: bool = False) -> "Pipeline":
+        """Load an export directory made by ``llada-onnx export``.
+
+        ``provider``: ``"cpu"``, ``"cuda"``, ``"dml"`` or an onnxruntime provider list. A provider this
+        onnxruntime build lacks is an error unless ``allow_fallback`` (then a warning, and the CPU runs it).
+        """
+        if onnx_dir is None:
+            raise ValueError("no model directory given: pass the directory an `llada-onnx export` wrote")
+        manifest = Manifest.load(onnx_dir)
+        graph = GraphSession(manifest, provider, device_id=device_id, threads=threads,
+                             session_options=session_options, allow_fallback=allow_fallback)
+        codec = TextCodec.from_export(manifest) if (manifest.directory / "tokenizer.json").is_file() else None
+        return cls(graph, codec)
+
+    @property
+    def codec(self) -> TextCodec:
+        if self._codec is None:
+            # Raises the actionable FileNotFoundError about the missing tokenizer.
+            self._codec = TextCodec.from_export(self.manifest)
+        return self._codec
+
+    @property
+    def provider(self) -> str:
+        return self.graph.provider
+
+    def generate_ids(self, input_ids, attention_mask=None, *, steps: int = 128, gen_length: int = 128,
+                     block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
+                     remasking: str = "low_confidence", logits_eos_inf: bool = False,
+                     confidence_eos_eot_inf: bool = False, confidence_eos_eot_inf_fixed: bool = False,
+                     allow_mask_in_prompt: bool = False, seed: int | None = None, rng: NoiseLike = None,
+                     callback: Callback | None = None) -> np.ndarray:
+        """The official sampler on token ids; returns the canvas ``[batch, prompt_len + gen_length]`` (int64).
+
+        Same arguments and result as :func:`llada_onnx.models.sampler.generate`; ``seed`` or ``rng`` (a numpy
+        Generator or ``callable(shape, dtype)``) supplies the noise, seed 0 by default.
+        """
+        settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
+                                   temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
+                                   logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                                   confidence_eos_eot_inf_fixed=confidence_eos_eot_inf_fixed,
+                                   allow_mask_in_prompt=allow_mask_in_prompt)
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        return generate_ids(self.graph, ids, mask, settings, noise=Noise.of(rng, seed), callback=callback)
+
+    def generate(self, prompts: Prompts, *, chat: bool | None = None, **settings: Any) -> list[str]:
+        """Generate text: ``prompts`` is a string, a list of strings, a conversation or a list of conversations.
+
+        ``chat=None`` uses the model's chat template when it has one (Instruct) and raw text otherwise (base
+        models). Settings are those of :meth:`generate_ids`. Each answer is cut at its first EOS/EoT.
+        """
+        ids, mask = self.codec.encode_batch(prompts, chat)
+        out = self.generate_ids(ids, mask, **settings)
+        return self.codec.decode_batch(out[:, ids.shape[1]:])

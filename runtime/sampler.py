@@ -1,0 +1,123 @@
+"""The official LLaDA sampler in NumPy, driving an exported graph (token-exact with the torch reference).
+
+Per step it asks the graph only for the window of positions that can be committed (the current block). On the
+greedy ``low_confidence`` path the graph's ``top_ids``/``top_prob`` are all it needs; ``logits`` of the window
+are fetched only when a setting needs them (temperature > 0, CFG, EOS/EoT suppression), and float64 is used only
+for the Gumbel-max over that window, as upstream does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from .noise import Noise
+from .session import GraphSession
+from .settings import SamplerSettings, suppressed_confidence_ids, window_start
+
+
+@dataclass
+class StepInfo:
+    """What a ``callback`` sees after every step. Return ``False`` from the callback to stop early."""
+
+    block: int
+    step: int  # 0-based, over the whole generation
+    total_steps: int
+    canvas: np.ndarray  # [batch, prompt + gen] int64, the live canvas (copy it to keep it)
+    committed: list[np.ndarray]  # per row, the canvas positions committed in this step
+    prompt_length: int
+
+
+Callback = Callable[[StepInfo], Optional[bool]]
+
+
+def transfer_schedule(masked: np.ndarray, steps: int) -> np.ndarray:
+    """``[batch, steps]`` token counts: ``n // steps`` each, the first ``n % steps`` steps one more."""
+    base, remainder = np.divmod(masked.astype(np.int64), steps)
+    return base[:, None] + (np.arange(steps)[None, :] < remainder[:, None])
+
+
+def softmax_at(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``softmax(logits, -1)[..., index]`` in float32, without materialising the whole softmax twice."""
+    top = logits.max(axis=-1, keepdims=True)
+    exp = np.exp(logits - top)
+    picked = np.take_along_axis(exp, index[..., None], axis=-1)[..., 0]
+    return (picked / exp.sum(axis=-1)).astype(np.float32)
+
+
+def generate_ids(
+    graph: GraphSession,
+    prompt: np.ndarray,
+    attention_mask: np.ndarray | None,
+    settings: SamplerSettings,
+    *,
+    noise: Noise,
+    callback: Callback | None = None,
+) -> np.ndarray:
+    """Run the sampler; returns the canvas ``[batch, prompt_len + gen_length]`` (int64)."""
+    m = graph.manifest
+    mask_id, eos_id, eot_id = m.id("mask_token_id"), m.id("eos_token_id"), m.id("eot_token_id")
+    prompt = np.asarray(prompt, dtype=np.int64)
+    settings.check_request(prompt, attention_mask, mask_id=mask_id, pad_id=m.id("pad_token_id"),
+                           max_length=m.max_sequence_length)
+    s = settings
+    batch, prompt_len = prompt.shape
+    x = np.full((batch, prompt_len + s.gen_length), mask_id, dtype=np.int64)
+    x[:, :prompt_len] = prompt
+    am = np.ones_like(x)
+    if attention_mask is not None:
+        am[:, :prompt_len] = np.asarray(attention_mask, dtype=np.int64)
+    prompt_index = x != mask_id
+    cfg = s.cfg_scale > 0
+    if cfg:
+        am = np.concatenate([am, am])
+    suppressed = list(suppressed_confidence_ids(s, eos_id=eos_id, eot_id=eot_id))
+    need_logits = s.temperature > 0 or cfg or s.logits_eos_inf or bool(suppressed)
+    rows = np.arange(batch)
+
+    for block in range(s.num_blocks):
+        block_start = prompt_len + block * s.block_length
+        block_end = block_start + s.block_length
+        schedule = transfer_schedule((x[:, block_start:block_end] == mask_id).sum(axis=1), s.steps_per_block)
+        for i in range(s.steps_per_block):
+            lo = window_start(x, mask_id, block_start)
+            feed = np.concatenate([x, np.where(prompt_index, mask_id, x)]) if cfg else x
+            positions = np.broadcast_to(np.arange(lo, block_end, dtype=np.int64), (feed.shape[0], block_end - lo))
+            out = graph.run(feed, am, np.ascontiguousarray(positions), logits=need_logits)
+
+            if need_logits:
+                logits = out.logits
+                if cfg:
+                    cond, uncond = logits[:batch], logits[batch:]
+                    logits = uncond + (s.cfg_scale + 1) * (cond - uncond)
+                if s.logits_eos_inf:
+                    logits[..., eos_id] = -np.inf
+                if s.temperature > 0:
+                    u = noise.gumbel_uniforms(logits.shape)
+                    x0 = np.argmax(np.exp(logits.astype(np.float64)) / (-np.log(u)) ** s.temperature, axis=-1)
+                else:
+                    x0 = np.argmax(logits, axis=-1)
+                if s.remasking == "low_confidence":
+                    if suppressed:
+                        logits[..., suppressed] = -np.inf
+                    confidence = softmax_at(logits, x0)
+            else:
+                x0, confidence = out.top_ids, out.top_prob
+            if s.remasking == "random":
+                confidence = noise.remask_uniforms((batch, block_end - lo))
+
+            masked = x[:, lo:block_end] == mask_id
+            confidence = np.where(masked, confidence, -np.inf)
+            committed = []
+            for j in rows:
+                k = int(schedule[j, i])
+                chosen = np.argsort(-confidence[j], kind="stable")[:k]
+                x[j, lo + chosen] = x0[j, chosen]
+                committed.append(lo + chosen)
+            if callback is not None:
+                info = StepInfo(block, block * s.steps_per_block + i, s.steps, x, committed, prompt_len)
+                if callback(info) is False:
+                    return x
+    return x
