@@ -1,0 +1,61 @@
+"""CUDA execution provider: fp32 on CUDA token-exact with the CPU, and fp16 export figures.
+
+These need onnxruntime-gpu and an NVIDIA GPU, so they run on the lent GPU machine (see README, "Execution
+providers") and are skipped elsewhere; CI has no GPU.
+"""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from llada_onnx.runtime import Pipeline
+
+from conftest import prompts
+from test_runtime import GRID, OPTIONS
+
+pytestmark = pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
+    reason="needs onnxruntime-gpu and a CUDA device (run on the GPU machine)")
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe(tiny_onnx):
+    return Pipeline.from_pretrained(tiny_onnx, provider="cuda")
+
+
+def test_cuda_is_really_used(cuda_pipe):
+    assert cuda_pipe.provider == "CUDAExecutionProvider"
+
+
+@pytest.mark.parametrize("batch,gen,block,steps", GRID)
+def test_cuda_fp32_token_exact_with_cpu_grid(cuda_pipe, pipeline, batch, gen, block, steps):
+    ids, mask = prompts(batch, seed=gen + steps)
+    kw = dict(steps=steps, gen_length=gen, block_length=block)
+    np.testing.assert_array_equal(cuda_pipe.generate_ids(ids, mask, **kw), pipeline.generate_ids(ids, mask, **kw))
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+def test_cuda_fp32_token_exact_with_cpu_options(cuda_pipe, pipeline, options):
+    ids, mask = prompts(3, seed=7)
+    kw = dict(steps=8, gen_length=8, block_length=4, seed=3, **options)
+    np.testing.assert_array_equal(cuda_pipe.generate_ids(ids, mask, **kw), pipeline.generate_ids(ids, mask, **kw))
+
+
+def test_fp16_export_on_cuda(tmp_path_factory, tiny_ckpt, pipeline):
+    from llada_onnx.export import export
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    result = export(tiny_ckpt, out, dtype="fp16", device="cuda", progress=False)
+    report = result.validation
+    print("fp16 validation:", json.dumps(report))
+    assert report["finite"] and report["top_ids_agreement"] >= 0.99
+    fp16 = Pipeline.from_pretrained(out, provider="cuda")
+    ids, mask = prompts(3, seed=7)
+    kw = dict(steps=16, gen_length=16, block_length=8)
+    a, b = fp16.generate_ids(ids, mask, **kw), pipeline.generate_ids(ids, mask, **kw)
+    agreement = float((a[:, ids.shape[1]:] == b[:, ids.shape[1]:]).mean())
+    print(f"fp16-on-CUDA vs fp32-on-CPU generated-token agreement: {agreement:.3f}")
+    assert agreement >= 0.5
