@@ -138,7 +138,7 @@ def summary(result: ExportResult) -> str:
         v = result.validation
         lines.append(f"  validation ({v['provider']}, {v['dtype']} vs torch fp32): max |logits diff| "
                      f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']:.3g}), top_ids agreement "
-                     f"{v['top_ids_agreement']:.4%}, max |top_prob diff| {v['top_prob_max_abs_diff']:.3g}")
+                     f"{v['top_ids_agreement']:.4%} ({v['top_ids_decisive_agreement']:.4%} where not a near-tie), max |top_prob diff| {v['top_prob_max_abs_diff']:.3g}")
     lines.append(f"  time {sum(result.seconds.values()):.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """Validation of a fresh export: run it in onnxruntime and compare with the torch model it came from.
 
 Inputs cover what the sampler sends: a batch with a left-padded row, all positions and a tail subset. fp32 must
-match torch to 1e-4 of the logit scale with identical ``top_ids`` wherever torch's choice is not a near-tie;
-fp16 is compared with torch fp32 and must be finite with at least 99% ``top_ids`` agreement.
+match torch to 1e-4 of the logit scale with identical ``top_ids`` wherever torch's choice is not a near-tie.
+fp16 is compared with torch fp32: it must be finite, its logit error within 5% of the logit scale, and its
+``top_ids`` must agree on at least 99% of the decisive positions (torch's top-2 margin above twice the measured
+error; a closer pair may legitimately flip in half precision). Raw agreement is reported as well.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..runtime.manifest import Manifest
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 0.99
+FP16_MAX_RELATIVE_ERROR = 0.05
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -24,7 +27,7 @@ class ValidationError(RuntimeError):
 
 def validation_inputs(vocab_size: int, max_length: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    length = min(24, max_length)
+    length = min(48, max_length)
     ids = rng.integers(0, vocab_size, size=(2, length), dtype=np.int64)
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row
@@ -45,7 +48,7 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
     session = ort.InferenceSession(str(manifest.graph_path), providers=[provider])
     reference = model.float() if dtype != "fp32" else model
     max_diff = prob_diff = 0.0
-    agree = decisive_disagree = total = 0
+    margins, matches = [], []
     scale = 1.0
     finite = True
     for feeds in validation_inputs(manifest.vocab_size, manifest.max_sequence_length):
@@ -61,27 +64,37 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
         prob_diff = max(prob_diff, float(np.abs(top_prob - torch.softmax(ref, -1).amax(-1).numpy()).max()))
         top2 = np.sort(np.partition(ref_np, -2, axis=-1)[..., -2:], axis=-1)
         margin = top2[..., 1] - top2[..., 0]
-        same = top_ids == ref_top
-        agree += int(same.sum())
-        total += same.size
-        decisive_disagree += int((~same & (margin > 2 * FP32_RELATIVE_TOLERANCE * scale)).sum())
+        margins.append(margin.ravel())
+        matches.append((top_ids == ref_top).ravel())
+    margin, same = np.concatenate(margins), np.concatenate(matches)
+    fp32 = dtype == "fp32"
+    decisive = margin > 2 * (FP32_RELATIVE_TOLERANCE * scale if fp32 else max_diff)
+    decisive_agreement = float(same[decisive].mean()) if decisive.any() else 1.0
     report = {
         "provider": provider, "dtype": dtype, "reference": "torch fp32",
         "logits_max_abs_diff": max_diff, "logit_scale": scale,
         "logits_tolerance": FP32_RELATIVE_TOLERANCE * scale if dtype == "fp32" else None,
-        "top_ids_agreement": agree / total, "top_ids_decisive_disagreements": decisive_disagree,
-        "top_prob_max_abs_diff": prob_diff, "finite": finite, "positions_compared": total,
+        "top_ids_agreement": float(same.mean()), "top_ids_decisive_positions": int(decisive.sum()),
+        "top_ids_decisive_agreement": decisive_agreement,
+        "top_ids_decisive_disagreements": int((~same & decisive).sum()),
+        "top_prob_max_abs_diff": prob_diff, "finite": finite, "positions_compared": int(same.size),
     }
     problems = []
     if not finite:
         problems.append("the graph produced NaN or inf")
-    if dtype == "fp32":
+    if fp32:
         if max_diff > report["logits_tolerance"]:
             problems.append(f"max |logits diff| {max_diff:.3g} exceeds {report['logits_tolerance']:.3g}")
-        if decisive_disagree:
-            problems.append(f"top_ids differ from torch at {decisive_disagree} position(s) that are no near-tie")
-    elif report["top_ids_agreement"] < FP16_MIN_AGREEMENT:
-        problems.append(f"top_ids agreement {report['top_ids_agreement']:.2%} is below {FP16_MIN_AGREEMENT:.0%}")
+        if report["top_ids_decisive_disagreements"]:
+            problems.append(f"top_ids differ from torch at {report['top_ids_decisive_disagreements']} "
+                            "position(s) that are no near-tie")
+    else:
+        if max_diff > FP16_MAX_RELATIVE_ERROR * scale:
+            problems.append(f"max |logits diff| {max_diff:.3g} exceeds {FP16_MAX_RELATIVE_ERROR:.0%} of the "
+                            f"logit scale {scale:.3g}")
+        if decisive_agreement < FP16_MIN_AGREEMENT:
+            problems.append(f"top_ids agreement on decisive positions {decisive_agreement:.2%} is below "
+                            f"{FP16_MIN_AGREEMENT:.0%}")
     if problems:
         raise ValidationError("export validation failed: " + "; ".join(problems) + f" (figures: {report})")
     return report
