@@ -166,12 +166,13 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
         raise ExportError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     need = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8 + (64 << 20)
-    free = shutil.disk_usage(out.parent).free
+    free = shutil.disk_usage(existing).free
     if free < need:
-        raise ExportError(f"not enough disk space in {out.parent}: the export needs about {need / 1e9:.2f} GB, "
+        raise ExportError(f"not enough disk space in {existing}: the export needs about {need / 1e9:.2f} GB, "
                           f"{free / 1e9:.2f} GB is free")
+    out.parent.mkdir(parents=True, exist_ok=True)
     return cfg
 
 
