@@ -20,7 +20,7 @@ def official_config() -> dict:
             "mlp_hidden_size": 128, "vocab_size": 300, "embedding_size": 300, "rope": True}
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared/reference is beside the checkout in this workplace")
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="needs ../shared/reference (the official 8B config files) beside the checkout")
 def test_reads_the_real_8b_config_and_ids():
     cfg = LLaDAConfig.from_pretrained(REFERENCE)
     assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers) == (4096, 32, 32, 32)
