@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,9 @@ from .text import Prompts, TextCodec
 class Pipeline:
     """One onnxruntime session and one tokenizer for an exported LLaDA model; build once, generate many times."""
 
-    def __init__(self, graph: GraphSession, codec: TextCodec | None):
+    def __init__(self, graph: GraphSession):
         self.graph = graph
         self.manifest = graph.manifest
-        self._codec = codec
 
     @classmethod
     def from_pretrained(cls, onnx_dir: str | Path | None = None, provider: ProviderSpec = "cpu", *,
@@ -40,15 +40,12 @@ class Pipeline:
         manifest = Manifest.load(onnx_dir)
         graph = GraphSession(manifest, provider, device_id=device_id, threads=threads,
                              session_options=session_options, allow_fallback=allow_fallback)
-        codec = TextCodec.from_export(manifest) if (manifest.directory / "tokenizer.json").is_file() else None
-        return cls(graph, codec)
+        return cls(graph)
 
-    @property
+    @cached_property
     def codec(self) -> TextCodec:
-        if self._codec is None:
-            # Raises the actionable FileNotFoundError about the missing tokenizer.
-            self._codec = TextCodec.from_export(self.manifest)
-        return self._codec
+        """The tokenizer, built once on first use (an export without tokenizer.json still runs generate_ids)."""
+        return TextCodec.from_export(self.manifest)
 
     @property
     def provider(self) -> str:
