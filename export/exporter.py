@@ -214,7 +214,7 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
         if (ckpt / name).is_file():
             digest.update((ckpt / name).read_bytes())
     provenance = {
-        "source": str(ckpt.resolve()),
+        "source": str(ckpt),  # as given: the shipped default model records its in-repo path
         "source_sha256": digest.hexdigest(),
         "source_weight_bytes": checkpoint_bytes(ckpt),
         "torch": torch.__version__,

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="an export directory written by `llada-onnx export`")
+    p.add_argument("--model", help="an export directory written by `llada-onnx export` "
+                                    "(default: the embedded Shakespeare model)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "dml"), help="execution provider")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's choice)")
 
@@ -105,8 +106,6 @@ def _settings(args) -> dict:
 def _pipeline(args):
     from .runtime import Pipeline
 
-    if not args.model:
-        raise _Fail("--model is required: pass a directory written by `llada-onnx export`")
     return Pipeline.from_pretrained(args.model, provider=args.provider, threads=args.threads)
 
 

@@ -96,8 +96,9 @@ def save_model(model: LLaDAModel, out_dir: str | Path, *, max_shard_bytes: int |
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", encoding="utf-8")
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    config = dict(model.config.to_dict(), torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})

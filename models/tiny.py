@@ -9,7 +9,6 @@ between engines would hinge on rounding noise.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from .config import OFFICIAL_IDS, LLaDAConfig
 from .modeling import LLaDAModel
+from .tokenizer_files import SPECIAL_TOKEN_TEXTS, write_tokenizer_files
 
 OFFICIAL_VOCAB = 126464
 # The Instruct chat template, as shipped in LLaDA-8B-Instruct's tokenizer_config.json.
@@ -26,14 +26,10 @@ LLADA_CHAT_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
 )
-SPECIAL_TOKENS = {  # text -> name of the id field (or an offset from the mask id for the header tokens)
-    "<|startoftext|>": "bos_token_id",
-    "<|endoftext|>": "eos_token_id",
-    "<|mdm_mask|>": "mask_token_id",
-    "<|start_header_id|>": 10,
-    "<|end_header_id|>": 11,
-    "<|eot_id|>": "eot_token_id",
-}
+# Where the tiny checkpoints put each special token: the name of a config id field, or (for the header tokens,
+# which have no field) an offset from the mask id, as in the 8B vocabulary.
+SPECIAL_TOKEN_IDS = dict(zip(SPECIAL_TOKEN_TEXTS, ("bos_token_id", "eos_token_id", "mask_token_id", 10, 11,
+                                                    "eot_token_id")))
 WORDS = (
     "the a an and or but of to in on at for with from by as is was are be been it he she they we you I not no "
     "yes this that these those there here what which who when where why how all some any each many much more "
@@ -109,42 +105,17 @@ def make_tiny_checkpoint(
     out = Path(out_dir)
     model = make_tiny_model(**model_kwargs)
     model.save_pretrained(out, max_shard_bytes=max_shard_bytes)
-    write_tokenizer_files(out, model.config, chat_template=chat_template, with_tokenizer=with_tokenizer)
+    write_tiny_tokenizer_files(out, model.config, chat_template=chat_template)
+    if not with_tokenizer:
+        (out / "tokenizer.json").unlink()
     return out
 
 
-def _special_token_ids(cfg: LLaDAConfig) -> dict[str, int]:
-    return {text: (getattr(cfg, f) if isinstance(f, str) else cfg.mask_token_id + f)
-            for text, f in SPECIAL_TOKENS.items()}
-
-
-def write_tokenizer_files(out: Path, cfg: LLaDAConfig, *, chat_template: str | None,
-                          with_tokenizer: bool = True) -> None:
-    specials = _special_token_ids(cfg)
-    gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    tok_cfg = {
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.max_sequence_length,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
-            for t, i in sorted(specials.items(), key=lambda kv: kv[1])
-        },
-    }
-    if chat_template is not None:
-        tok_cfg["chat_template"] = chat_template
-    special_map = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    for name, obj in (("generation_config.json", gen_cfg), ("tokenizer_config.json", tok_cfg),
-                      ("special_tokens_map.json", special_map)):
-        (out / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    if with_tokenizer:
-        build_word_tokenizer(specials).save(str(out / "tokenizer.json"))
+def write_tiny_tokenizer_files(out: str | Path, cfg: LLaDAConfig, *, chat_template: str | None) -> None:
+    """The word-level tokenizer of :func:`build_word_tokenizer` with the special tokens at ``cfg``'s ids."""
+    specials = {text: (getattr(cfg, f) if isinstance(f, str) else cfg.mask_token_id + f)
+                for text, f in SPECIAL_TOKEN_IDS.items()}
+    write_tokenizer_files(out, cfg, build_word_tokenizer(specials), chat_template=chat_template)
 
 
 def build_word_tokenizer(specials: dict[str, int]):

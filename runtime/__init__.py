@@ -3,6 +3,7 @@
 Never import torch here, directly or through a dependency: a plain ``pip install llada-onnx`` must run it.
 """
 
+from .default_model import default_checkpoint_dir, default_onnx_dir
 from .manifest import Manifest, NotAnExportError
 from .noise import Noise
 from .pipeline import Pipeline
@@ -13,4 +14,5 @@ from .settings import SamplerSettings
 from .text import TextCodec
 
 __all__ = ["GraphSession", "Manifest", "Noise", "NotAnExportError", "Pipeline", "ProviderUnavailableError",
-           "SamplerSettings", "StepInfo", "TextCodec", "generate_ids"]
+           "SamplerSettings", "StepInfo", "TextCodec", "default_checkpoint_dir",
+           "default_onnx_dir", "generate_ids"]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .default_model import default_onnx_dir
 from .manifest import Manifest
 from .noise import Noise, NoiseLike
 from .providers import ProviderSpec
@@ -30,14 +31,12 @@ class Pipeline:
                         device_id: int = 0, threads: int | None = None,
                         session_options: ort.SessionOptions | None = None,
                         allow_fallback: bool = False) -> "Pipeline":
-        """Load an export directory made by ``llada-onnx export``.
+        """Load an export directory made by ``llada-onnx export``; without one, the embedded default model.
 
         ``provider``: ``"cpu"``, ``"cuda"``, ``"dml"`` or an onnxruntime provider list. A provider this
         onnxruntime build lacks is an error unless ``allow_fallback`` (then a warning, and the CPU runs it).
         """
-        if onnx_dir is None:
-            raise ValueError("no model directory given: pass the directory an `llada-onnx export` wrote")
-        manifest = Manifest.load(onnx_dir)
+        manifest = Manifest.load(default_onnx_dir() if onnx_dir is None else onnx_dir)
         graph = GraphSession(manifest, provider, device_id=device_id, threads=threads,
                              session_options=session_options, allow_fallback=allow_fallback)
         return cls(graph)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llada_onnx.models import LLaDAModel, make_tiny_model
-from llada_onnx.models.tiny import LLADA_CHAT_TEMPLATE as TEMPLATE, write_tokenizer_files
+from llada_onnx.models.tiny import LLADA_CHAT_TEMPLATE as TEMPLATE, write_tiny_tokenizer_files
 
 
 def favour_stop_tokens(model: LLaDAModel, seed: int = 0) -> LLaDAModel:
@@ -34,7 +34,7 @@ def favour_stop_tokens(model: LLaDAModel, seed: int = 0) -> LLaDAModel:
 def _write(tmp_path_factory, name: str, model: LLaDAModel, **save_kwargs):
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path, **save_kwargs)
-    write_tokenizer_files(path, model.config, chat_template=TEMPLATE)
+    write_tiny_tokenizer_files(path, model.config, chat_template=TEMPLATE)
     return path
 
 

@@ -263,7 +263,6 @@ def test_cli_show_steps_and_chat(tiny_onnx):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["generate", "--prompt", "x"], "--model is required"),
     (["generate", "--model", "MODEL"], "no prompt given"),
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "not found"),
     (["generate", "--model", "MODEL", "--prompt", "x", "--gen-length", "10", "--block-length", "4"], "multiple"),
