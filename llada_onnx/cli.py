@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fp32 for the CPU; fp16 for CUDA/DirectML (default fp32)")
     e.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20, the highest DirectML runs)")
     e.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to load and validate")
+    e.add_argument("--fusion", choices=("none", "ort"), default="none",
+                   help="ort: attention and RMSNorm as onnxruntime contrib ops, faster on the CPU and CUDA "
+                        "providers; none: standard ONNX ops only, for every provider incl. DirectML (default)")
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     e.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the onnxruntime-vs-torch validation")
@@ -117,7 +120,7 @@ def _export(args) -> int:
         raise _Fail(f"export needs the export extra (pip install 'llada-onnx[export]'): {e}") from None
     export(args.checkpoint_dir, args.output_dir, dtype=args.dtype,
            opset=DEFAULT_OPSET if args.opset is None else args.opset, device=args.device,
-           force=args.force, validate=args.validate)
+           force=args.force, validate=args.validate, fusion=args.fusion)
     return 0
 
 

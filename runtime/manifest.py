@@ -37,6 +37,7 @@ class Manifest:
     inputs: tuple[str, ...] = INPUT_NAMES
     outputs: tuple[str, ...] = OUTPUT_NAMES
     chat_template: str | None = None
+    fusion: str = "none"
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -74,6 +75,7 @@ class Manifest:
                 inputs=tuple(raw["inputs"]),
                 outputs=tuple(raw["outputs"]),
                 chat_template=raw.get("chat_template"),
+                fusion=raw.get("fusion", "none"),
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -87,7 +89,8 @@ class Manifest:
 
 def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_sequence_length: int,
                   ids: dict[str, int], chat_template: str | None, model: dict[str, Any],
-                  provenance: dict[str, Any], variant: str = "exact") -> dict[str, Any]:
+                  provenance: dict[str, Any], variant: str = "exact", fusion: str = "none",
+                  fusions: dict[str, int] | None = None) -> dict[str, Any]:
     """The JSON the exporter writes (see the module docstring for the I/O contract)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -98,6 +101,8 @@ def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_se
         "dtype": dtype,
         "opset": opset,
         "variant": variant,
+        "fusion": fusion,  # "none": standard ONNX ops only; "ort": onnxruntime contrib ops (CPU, CUDA)
+        "fusions": fusions or {},
         "vocab_size": vocab_size,
         "max_sequence_length": max_sequence_length,
         "special_ids": {k: ids[k] for k in ID_FIELDS},

@@ -60,11 +60,11 @@ def tied_ckpt(tmp_path_factory):
     return _write(tmp_path_factory, "tied", model)
 
 
-def _export(tmp_path_factory, ckpt, name):
+def _export(tmp_path_factory, ckpt, name, **options):
     from llada_onnx.export import export
 
     out = tmp_path_factory.mktemp("exports") / name
-    export(ckpt, out, progress=False)
+    export(ckpt, out, progress=False, **options)
     return out
 
 
@@ -81,6 +81,16 @@ def gqa_sharded_onnx(tmp_path_factory, gqa_sharded_ckpt):
 @pytest.fixture(scope="session")
 def tied_onnx(tmp_path_factory, tied_ckpt):
     return _export(tmp_path_factory, tied_ckpt, "tied")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_onnx(tmp_path_factory, tiny_ckpt):
+    return _export(tmp_path_factory, tiny_ckpt, "tiny-fused", fusion="ort")
+
+
+@pytest.fixture(scope="session")
+def gqa_fused_onnx(tmp_path_factory, gqa_sharded_ckpt):
+    return _export(tmp_path_factory, gqa_sharded_ckpt, "gqa-fused", fusion="ort")
 
 
 @pytest.fixture(scope="session")

@@ -60,3 +60,11 @@ def test_fp16_export_on_cuda(tmp_path_factory, tiny_ckpt, pipeline):
     agreement = float((a[:, ids.shape[1]:] == b[:, ids.shape[1]:]).mean())
     print(f"fp16-on-CUDA vs fp32-on-CPU generated-token agreement: {agreement:.3f}")
     assert agreement >= 0.5
+
+
+@pytest.mark.parametrize("batch,gen,block,steps", GRID[:4])
+def test_cuda_fused_fp32_token_exact_with_cpu(tiny_fused_onnx, pipeline, batch, gen, block, steps):
+    fused = Pipeline.from_pretrained(tiny_fused_onnx, provider="cuda")
+    ids, mask = prompts(batch, seed=gen + steps)
+    kw = dict(steps=steps, gen_length=gen, block_length=block)
+    np.testing.assert_array_equal(fused.generate_ids(ids, mask, **kw), pipeline.generate_ids(ids, mask, **kw))

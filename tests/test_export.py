@@ -20,11 +20,13 @@ def run_graph(onnx_dir, ids, mask, positions):
     return s.run(None, {"input_ids": ids, "attention_mask": mask, "positions": positions})
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "gqa_sharded", "tied"])
-def test_graph_checks_and_matches_torch(request, fixture):
-    onnx_dir = request.getfixturevalue(f"{fixture}_onnx")
-    model = LLaDAModel.from_pretrained(request.getfixturevalue(f"{fixture}_ckpt"))
-    onnx.checker.check_model(str(onnx_dir / "model.onnx"))
+@pytest.mark.parametrize("export_name,ckpt_name", [("tiny", "tiny"), ("gqa_sharded", "gqa_sharded"), ("tied", "tied"),
+                                                    ("tiny_fused", "tiny"), ("gqa_fused", "gqa_sharded")])
+def test_graph_checks_and_matches_torch(request, export_name, ckpt_name):
+    onnx_dir = request.getfixturevalue(f"{export_name}_onnx")
+    model = LLaDAModel.from_pretrained(request.getfixturevalue(f"{ckpt_name}_ckpt"))
+    if Manifest.load(onnx_dir).fusion == "none":  # the checker knows no onnxruntime contrib ops
+        onnx.checker.check_model(str(onnx_dir / "model.onnx"))
     assert sorted(p.name for p in onnx_dir.glob("*.data")) == ["model.onnx.data"]
     rng = np.random.default_rng(0)
     for batch, length, count in [(1, 1, 1), (1, 7, 1), (2, 9, 9), (3, 16, 5), (2, 33, 33)]:
@@ -40,6 +42,20 @@ def test_graph_checks_and_matches_torch(request, fixture):
         np.testing.assert_allclose(logits, ref, atol=1e-4 * max(1.0, ref.std()), rtol=0)
         np.testing.assert_array_equal(top_ids, ref.argmax(-1))
         np.testing.assert_allclose(top_prob, torch.softmax(torch.from_numpy(ref), -1).amax(-1).numpy(), atol=1e-5)
+
+
+def test_fusion_rewrites_attention_and_norms(tiny_fused_onnx, tiny_onnx):
+    from collections import Counter
+
+    m = Manifest.load(tiny_fused_onnx)
+    raw = json.loads((tiny_fused_onnx / MANIFEST_FILE).read_text())
+    assert m.fusion == "ort" and Manifest.load(tiny_onnx).fusion == "none"
+    ops = Counter(n.op_type for n in onnx.load(str(tiny_fused_onnx / "model.onnx"), load_external_data=False).graph.node)
+    assert ops["MultiHeadAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] >= 2
+    assert "Softmax" not in ops and "ReduceMean" not in ops
+    assert raw["fusions"]["sdpa_via_mha"] == 2
+    assert sorted(p.name for p in tiny_fused_onnx.iterdir() if "onnx" in p.name and p.suffix != ".json") == [
+        "model.onnx", "model.onnx.data"]  # the unfused trace is gone
 
 
 def test_bidirectionality_survives_export(tiny_onnx):
@@ -89,6 +105,8 @@ def test_errors(tmp_path, tiny_ckpt):
     (unsupported / "config.json").write_text(json.dumps(dict(cfg, alibi=True)))
     with pytest.raises(ValueError, match="alibi"):
         export(unsupported, tmp_path / "out", progress=False)
+    with pytest.raises(ExportError, match="unknown fusion"):
+        export(tiny_ckpt, tmp_path / "out", fusion="magic", progress=False)
     for opset in (17, 99):
         with pytest.raises(ExportError, match="opset"):
             export(tiny_ckpt, tmp_path / "out", opset=opset, progress=False)
@@ -111,19 +129,22 @@ def test_disk_space_is_checked(tmp_path, tiny_ckpt, monkeypatch):
         export(tiny_ckpt, tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("stage", ["trace", "validate", "interrupt"])
+@pytest.mark.parametrize("stage", ["trace", "fuse", "validate", "interrupt"])
 def test_failure_leaves_nothing_behind(tmp_path, tiny_ckpt, monkeypatch, stage):
-    from llada_onnx.export import exporter
+    from llada_onnx.export import exporter, fusion
 
     def boom(*a, **k):
         if stage == "interrupt":
             raise KeyboardInterrupt
         raise ValidationError("simulated") if stage == "validate" else RuntimeError("simulated")
 
-    monkeypatch.setattr(exporter, "_trace" if stage == "trace" else "validate_export", boom)
+    if stage == "fuse":  # a graph the rules do not match: a clear error, not a slow "fused" export
+        monkeypatch.setattr(fusion, "REQUIRED", ("NoSuchFusedOp",))
+    else:
+        monkeypatch.setattr(exporter, {"trace": "_trace"}.get(stage, "validate_export"), boom)
     out = tmp_path / "out"
-    with pytest.raises((RuntimeError, KeyboardInterrupt)):
-        export(tiny_ckpt, out, progress=False)
+    with pytest.raises((RuntimeError, KeyboardInterrupt), match="NoSuchFusedOp" if stage == "fuse" else None):
+        export(tiny_ckpt, out, progress=False, fusion="ort" if stage == "fuse" else "none")
     assert list(tmp_path.iterdir()) == []  # no output, no partial temp directory
 
 

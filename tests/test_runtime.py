@@ -68,6 +68,37 @@ def test_gqa_and_tied_exports_are_token_exact(request):
         np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), reference(model, ids, mask, **kw))
 
 
+@pytest.fixture(scope="module")
+def fused_pipeline(tiny_fused_onnx):
+    return Pipeline.from_pretrained(tiny_fused_onnx)
+
+
+@pytest.mark.parametrize("batch,gen,block,steps", GRID[:4])
+def test_fused_graph_is_token_exact(fused_pipeline, loaded_tiny, batch, gen, block, steps):
+    ids, mask = prompts(batch, seed=gen + steps)
+    kw = dict(steps=steps, gen_length=gen, block_length=block)
+    np.testing.assert_array_equal(fused_pipeline.generate_ids(ids, mask, **kw),
+                                  reference(loaded_tiny, ids, mask, **kw))
+
+
+@pytest.mark.parametrize("options", OPTIONS[1:3], ids=lambda o: ",".join(o))
+def test_fused_graph_options_are_token_exact(fused_pipeline, loaded_tiny, options):
+    ids, mask = prompts(3, seed=7)
+    kw = dict(steps=8, gen_length=8, block_length=4, seed=3, **options)
+    np.testing.assert_array_equal(fused_pipeline.generate_ids(ids, mask, **kw),
+                                  reference(loaded_tiny, ids, mask, **kw))
+
+
+def test_fused_gqa_graph_is_token_exact(gqa_fused_onnx, gqa_sharded_ckpt):
+    from llada_onnx.models import LLaDAModel
+
+    pipe = Pipeline.from_pretrained(gqa_fused_onnx)
+    ids, mask = prompts(2, seed=1)
+    kw = dict(steps=8, gen_length=8, block_length=4)
+    np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw),
+                                  reference(LLaDAModel.from_pretrained(gqa_sharded_ckpt), ids, mask, **kw))
+
+
 def test_greedy_path_fetches_no_logits(pipeline, monkeypatch):
     calls = []
     real = pipeline.graph.run
