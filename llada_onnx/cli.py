@@ -94,6 +94,15 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
                    help="upstream's EOS/EoT confidence option, exactly as shipped")
     p.add_argument("--confidence-eos-eot-inf-fixed", action="store_true",
                    help="the intended behaviour: EOS and EoT get confidence 0 at every temperature")
+    fast = p.add_mutually_exclusive_group()
+    fast.add_argument("--threshold", type=float, default=None,
+                      help="fast decoding: commit every masked token of the block with confidence >= T each step "
+                           "(at least one); blocks run until filled, --steps is not used (Fast-dLLM: 0.9)")
+    fast.add_argument("--factor", type=float, default=None,
+                      help="fast decoding: Fast-dLLM's factor rule, commit the n most confident tokens with "
+                           "(n + 1) * (1 - c_n) < F (at least one)")
+    p.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                   help="generate every block even after each answer has ended (the text is the same)")
 
 
 def _settings(args) -> dict:
@@ -103,6 +112,7 @@ def _settings(args) -> dict:
         "cfg_scale": args.cfg_scale, "remasking": args.remasking, "seed": args.seed,
         "logits_eos_inf": args.logits_eos_inf, "confidence_eos_eot_inf": args.confidence_eos_eot_inf,
         "confidence_eos_eot_inf_fixed": args.confidence_eos_eot_inf_fixed,
+        "threshold": args.threshold, "factor": args.factor, "early_stop": args.early_stop,
     }
 
 
@@ -149,7 +159,7 @@ def _generate(args) -> int:
             "results": [{"prompt": p, "text": t, "prompt_ids": row[m.astype(bool)].tolist(),
                          "output_ids": o[ids.shape[1]:].tolist()}
                         for p, t, row, m, o in zip(prompts, texts, ids, mask, out)],
-            "timings": {"seconds": seconds, "steps": settings["steps"], "tokens_per_second": tokens / seconds},
+            "timings": {"seconds": seconds, "steps": display.steps_run, "tokens_per_second": tokens / seconds},
         }, indent=2))
     else:
         for i, text in enumerate(texts):
@@ -181,18 +191,21 @@ class _StepDisplay:
     def __init__(self, codec, prompt_shape, settings, *, show_steps: bool, enabled: bool):
         self.codec, self.show_steps, self.enabled = codec, show_steps, enabled
         self.prompt_len = prompt_shape[1]
-        self.total = settings["steps"]
         self.tokens = prompt_shape[0] * settings["gen_length"]
         self.start = time.perf_counter()
         self.mask_id = codec.manifest.id("mask_token_id")
+        self.steps_run = 0
 
     def __call__(self, info) -> None:
+        self.steps_run += 1
         if not self.enabled:
             return
-        done = info.step + 1
-        rate = self.tokens * done / self.total / max(time.perf_counter() - self.start, 1e-9)
-        bar = "#" * (30 * done // self.total)
-        line = f"\rstep {done}/{self.total} [{bar:<30}] {rate:.1f} tok/s"
+        # Progress is counted in committed tokens: under threshold/factor decoding the step count is not known.
+        done = int((info.canvas[:, self.prompt_len:] != self.mask_id).sum())
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        bar = "#" * (30 * done // self.tokens)
+        steps = f"{info.step + 1}/{info.total_steps}" if info.total_steps else f"{info.step + 1}"
+        line = f"\rstep {steps} [{bar:<30}] {rate:.1f} tok/s"
         if self.show_steps:
             row = info.canvas[0, self.prompt_len:]
             shown = " ".join("_" if t == self.mask_id else (self.codec.tokenizer.id_to_token(int(t)) or "?")

@@ -54,18 +54,22 @@ class Pipeline:
                      block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
                      remasking: str = "low_confidence", logits_eos_inf: bool = False,
                      confidence_eos_eot_inf: bool = False, confidence_eos_eot_inf_fixed: bool = False,
-                     allow_mask_in_prompt: bool = False, seed: int | None = None, rng: NoiseLike = None,
-                     callback: Callback | None = None) -> np.ndarray:
+                     allow_mask_in_prompt: bool = False, threshold: float | None = None,
+                     factor: float | None = None, early_stop: bool = False, seed: int | None = None,
+                     rng: NoiseLike = None, callback: Callback | None = None) -> np.ndarray:
         """The official sampler on token ids; returns the canvas ``[batch, prompt_len + gen_length]`` (int64).
 
         Same arguments and result as :func:`llada_onnx.models.sampler.generate`; ``seed`` or ``rng`` (a numpy
-        Generator or ``callable(shape, dtype)``) supplies the noise, seed 0 by default.
+        Generator or ``callable(shape, dtype)``) supplies the noise, seed 0 by default. Fast decoding:
+        ``threshold`` / ``factor`` (Fast-dLLM's parallel rules) and ``early_stop``; see :class:`SamplerSettings`.
+        Early stop is off here, so the canvas is the full one unless asked.
         """
         settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
                                    temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
                                    logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                                    confidence_eos_eot_inf_fixed=confidence_eos_eot_inf_fixed,
-                                   allow_mask_in_prompt=allow_mask_in_prompt)
+                                   allow_mask_in_prompt=allow_mask_in_prompt, threshold=threshold, factor=factor,
+                                   early_stop=early_stop)
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -76,8 +80,9 @@ class Pipeline:
         """Generate text: ``prompts`` is a string, a list of strings, a conversation or a list of conversations.
 
         ``chat=None`` uses the model's chat template when it has one (Instruct) and raw text otherwise (base
-        models). Settings are those of :meth:`generate_ids`. Each answer is cut at its first EOS/EoT.
+        models). Settings are those of :meth:`generate_ids`. Each answer is cut at its first EOS/EoT. Early stop is
+        on by default here: it cannot change the text (see :class:`SamplerSettings`).
         """
         ids, mask = self.codec.encode_batch(prompts, chat)
-        out = self.generate_ids(ids, mask, **settings)
+        out = self.generate_ids(ids, mask, **{"early_stop": True, **settings})
         return self.codec.decode_batch(out[:, ids.shape[1]:])

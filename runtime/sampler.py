@@ -8,12 +8,14 @@ for the Gumbel-max over that window, as upstream does.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
 from .noise import Noise
+from .policies import factor_count, threshold_count
 from .session import GraphSession
 from .settings import SamplerSettings, suppressed_confidence_ids, window_start
 
@@ -24,7 +26,7 @@ class StepInfo:
 
     block: int
     step: int  # 0-based, over the whole generation
-    total_steps: int
+    total_steps: int | None  # None under threshold/factor decoding, where blocks run until they are filled
     canvas: np.ndarray  # [batch, prompt + gen] int64, the live canvas (copy it to keep it)
     committed: list[np.ndarray]  # per row, the canvas positions committed in this step
     prompt_length: int
@@ -77,11 +79,14 @@ def generate_ids(
     need_logits = s.temperature > 0 or cfg or s.logits_eos_inf or bool(suppressed)
     rows = np.arange(batch)
 
+    step = 0
     for block in range(s.num_blocks):
         block_start = prompt_len + block * s.block_length
         block_end = block_start + s.block_length
         schedule = transfer_schedule((x[:, block_start:block_end] == mask_id).sum(axis=1), s.steps_per_block)
-        for i in range(s.steps_per_block):
+        for i in itertools.count():
+            if (not s.parallel and i == s.steps_per_block) or (s.parallel and not (x[:, :block_end] == mask_id).any()):
+                break
             lo = window_start(x, mask_id, block_start)
             feed = np.concatenate([x, np.where(prompt_index, mask_id, x)]) if cfg else x
             positions = np.broadcast_to(np.arange(lo, block_end, dtype=np.int64), (feed.shape[0], block_end - lo))
@@ -112,12 +117,24 @@ def generate_ids(
             confidence = np.where(masked, confidence, -np.inf)
             committed = []
             for j in rows:
-                k = int(schedule[j, i])
-                chosen = np.argsort(-confidence[j], kind="stable")[:k]
+                order = np.argsort(-confidence[j], kind="stable")
+                k = commit_count(confidence[j, order[:masked[j].sum()]], s) if s.parallel else int(schedule[j, i])
+                chosen = order[:k]
                 x[j, lo + chosen] = x0[j, chosen]
                 committed.append(lo + chosen)
             if callback is not None:
-                info = StepInfo(block, block * s.steps_per_block + i, s.steps, x, committed, prompt_len)
+                info = StepInfo(block, step, None if s.parallel else s.steps, x, committed, prompt_len)
                 if callback(info) is False:
                     return x
+            step += 1
+        if s.early_stop and np.isin(x[:, prompt_len:block_end], (eos_id, eot_id)).any(axis=1).all():
+            x[:, block_end:] = m.id("pad_token_id")  # every row's text ends in a finished block: it is final
+            return x
     return x
+
+
+def commit_count(sorted_confidence: np.ndarray, settings: SamplerSettings) -> int:
+    """Tokens to commit in a row under the parallel rule of ``settings`` (confidences in descending order)."""
+    if settings.threshold is not None:
+        return threshold_count(sorted_confidence, settings.threshold)
+    return factor_count(sorted_confidence, settings.factor)

@@ -21,6 +21,11 @@ class SamplerSettings:
     (see :func:`suppressed_confidence_ids`); ``confidence_eos_eot_inf_fixed`` is what upstream intended: EOS
     and EoT both get confidence 0 at every temperature. ``allow_mask_in_prompt`` lets mask ids in the prompt be
     filled in (infilling) as upstream would; by default they are refused as a likely mistake.
+
+    Fast decoding (runtime only, see :mod:`.policies`): ``threshold`` or ``factor`` replace the fixed per-step
+    count by a confidence rule, and each block then runs until it has no mask left (``steps`` is not used).
+    ``early_stop`` ends the generation once every row has an EOS/EoT in a completed block and fills the rest
+    with the pad id: the text up to the first stop token is then final, so decoded text is unchanged.
     """
 
     steps: int = 128
@@ -33,6 +38,9 @@ class SamplerSettings:
     confidence_eos_eot_inf: bool = False
     confidence_eos_eot_inf_fixed: bool = False
     allow_mask_in_prompt: bool = False
+    threshold: float | None = None
+    factor: float | None = None
+    early_stop: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "gen_length", "block_length"):
@@ -53,9 +61,22 @@ class SamplerSettings:
             raise ValueError(f"cfg_scale must be >= 0 (0 = no classifier-free guidance), got {self.cfg_scale}")
         if self.remasking not in REMASKING:
             raise ValueError(f"unknown remasking {self.remasking!r}; use one of {', '.join(REMASKING)}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("set either threshold or factor (two parallel-decoding rules), not both")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1] (a confidence; Fast-dLLM uses 0.9), got {self.threshold}")
+        if self.factor is not None and not (np.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"factor must be > 0 (Fast-dLLM uses 1.0), got {self.factor}")
+        if self.parallel and self.remasking != "low_confidence":
+            raise ValueError("threshold and factor decoding rank by confidence: use remasking='low_confidence'")
         if self.confidence_eos_eot_inf and self.confidence_eos_eot_inf_fixed:
             raise ValueError("set either confidence_eos_eot_inf (upstream's shipped behaviour) or "
                              "confidence_eos_eot_inf_fixed (the intended one), not both")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether a confidence rule (threshold or factor) decides how many tokens each step commits."""
+        return self.threshold is not None or self.factor is not None
 
     @property
     def num_blocks(self) -> int:

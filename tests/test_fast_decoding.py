@@ -1,0 +1,101 @@
+"""Fast decoding: Fast-dLLM's threshold and factor rules, and early stop (runtime only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llada_onnx.runtime import Pipeline, SamplerSettings
+from llada_onnx.runtime.policies import factor_count, threshold_count
+
+from conftest import prompts
+
+
+def test_threshold_rule_on_hand_made_confidences():
+    c = np.array([0.97, 0.92, 0.9, 0.5])
+    assert threshold_count(c, 0.9) == 3  # >= tau
+    assert threshold_count(c, 0.95) == 1
+    assert threshold_count(c, 0.99) == 1  # nothing passes: still the most confident one
+    assert threshold_count(np.array([]), 0.9) == 0  # a row whose block is already full
+
+
+def test_factor_rule_on_hand_made_confidences():
+    c = np.array([0.99, 0.9, 0.8, 0.3])  # (n+1)(1-c_n): 0.02, 0.3, 0.8, 3.5
+    assert factor_count(c, 1.0) == 3
+    assert factor_count(c, 0.5) == 2
+    assert factor_count(c, 0.25) == 1
+    assert factor_count(np.array([0.1]), 0.01) == 1  # at least one
+    assert factor_count(np.array([]), 1.0) == 0
+
+
+def count_steps(pipe, ids, mask, **kw):
+    steps = []
+    out = pipe.generate_ids(ids, mask, callback=lambda info: steps.append(info.total_steps), **kw)
+    return out, steps
+
+
+def test_rules_that_admit_one_token_reproduce_exact_decoding(pipeline):
+    ids, mask = prompts(3, seed=5)
+    kw = dict(gen_length=16, block_length=8, steps=16)  # one token per step: the schedules coincide
+    exact = pipeline.generate_ids(ids, mask, **kw)
+    for rule in ({"threshold": 1.0}, {"factor": 1e-9}):
+        out, steps = count_steps(pipeline, ids, mask, **rule, **kw)
+        np.testing.assert_array_equal(out, exact)
+        assert len(steps) == 16 and steps[0] is None
+
+
+def test_lower_thresholds_take_fewer_steps_and_fill_every_block():
+    pipe = Pipeline.from_pretrained()
+    ids, mask = pipe.codec.encode_batch(["ROMEO.\n", "KING.\n"], chat=False)
+    mask_id = pipe.manifest.id("mask_token_id")
+    calls = []
+    for tau in (1.0, 0.9, 0.7, 0.5):
+        out, steps = count_steps(pipe, ids, mask, gen_length=64, block_length=32, steps=64, threshold=tau)
+        assert not (out == mask_id).any()
+        calls.append(len(steps))
+    assert calls[0] == 64 and calls == sorted(calls, reverse=True) and calls[-1] < calls[0]
+    out, steps = count_steps(pipe, ids, mask, gen_length=64, block_length=32, steps=64, factor=1.0)
+    assert not (out == mask_id).any() and len(steps) < 64
+
+
+def test_early_stop_keeps_the_text(pipeline):
+    stopped_somewhere = False
+    for seed in range(4):
+        ids, mask = prompts(2, seed=seed)
+        kw = dict(gen_length=32, block_length=4, steps=32)
+        full, full_steps = count_steps(pipeline, ids, mask, **kw)
+        early, early_steps = count_steps(pipeline, ids, mask, early_stop=True, **kw)
+        assert pipeline.codec.decode_batch(early[:, ids.shape[1]:]) == pipeline.codec.decode_batch(full[:, ids.shape[1]:])
+        if len(early_steps) < len(full_steps):
+            stopped_somewhere = True
+            done = len(early_steps) // 4 * 4 + ids.shape[1]  # steps per block = 4
+            assert (early[:, done:] == pipeline.manifest.id("pad_token_id")).all()
+    assert stopped_somewhere  # the test model does emit EOS/EoT early
+    texts = pipeline.generate(["the king", "a queen"], chat=False, gen_length=32, block_length=4, steps=32)
+    assert texts == pipeline.generate(["the king", "a queen"], chat=False, gen_length=32, block_length=4, steps=32,
+                                      early_stop=False)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(threshold=0.9, factor=1.0), "either threshold or factor"),
+    (dict(threshold=1.5), "threshold must be in"),
+    (dict(threshold=0.0), "threshold must be in"),
+    (dict(factor=-1.0), "factor must be > 0"),
+    (dict(threshold=0.9, remasking="random"), "low_confidence"),
+])
+def test_bad_fast_settings(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplerSettings(**kw)
+
+
+def test_cli_threshold_runs_fewer_steps():
+    res = subprocess.run([sys.executable, "-m", "llada_onnx.cli", "generate", "--prompt", "ROMEO.", "--json",
+                          "--gen-length", "64", "--block-length", "32", "--threshold", "0.7"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["settings"]["threshold"] == 0.7 and data["timings"]["steps"] < 64
