@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import save_report
+
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4),
     "100m": dict(d_model=384, n_layers=6, n_heads=6),
@@ -340,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     gens = [int(g) for g in a.settings.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
     work, out = Path(a.work), Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if a.provider == "cuda" else "cpu"
 
     report = {"provider": a.provider, "reps": a.reps, "machine": machine(), "command": " ".join(sys.argv),
@@ -366,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             report["memory"].append({"model": model.name, "export_mb": export_bytes(onnx) / 2**20,
                                      "peak_rss_mb": rss, "gen_length": max(gens), "batch": max(batches)})
     report["peak_rss_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
-    chart(report, out / "tokens_per_s.png")
-    print(markdown(report))
+    save_report(out, report, markdown(report), chart, "tokens_per_s.png")
     return 0
 
 

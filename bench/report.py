@@ -1,0 +1,15 @@
+"""Writing a benchmark's results: ``report.json`` (everything), ``report.md`` (the table), a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+
+def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict, Path], None], png: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    chart(report, out / png)
+    print(markdown)
