@@ -29,11 +29,15 @@ from ..models.checkpoint import INDEX_FILE, checkpoint_bytes, load_model, weight
 from ..models.config import LLaDAConfig
 from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
 from .fusion import FUSIONS, fuse_for_onnxruntime
-from .graph import SamplerGraph
-from .validate import ValidationError, validate_export
+from .graph import CachedSamplerGraph, SamplerGraph
+from .shared_weights import share_weights
+from .validate import ValidationError, validate_cache_graph, validate_export
 
 GRAPH_FILE = "model.onnx"
 TRACED_FILE = "traced.onnx"  # the dynamo graph before fusion, deleted once the fused graph is written
+CACHE_FILE = "cache.onnx"  # the block-wise KV-cache graph, sharing the main graph's weights
+CACHE_INPUTS = ("input_ids", "attention_mask", "positions", "head_index", "past_keys", "past_values")
+CACHE_OUTPUTS = ("logits", "top_ids", "top_prob", "present_keys", "present_values")
 DEFAULT_OPSET = 20  # the highest opset the DirectML execution provider supports
 MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's floor; the newest opset onnxruntime runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -98,16 +102,18 @@ def export(
     validate: bool = True,
     progress: bool = True,
     fusion: str = "none",
+    cache: bool = False,
 ) -> ExportResult:
     """Export a LLaDA checkpoint (Hugging Face layout) to ``output_dir``; see the module docstring.
 
     ``fusion="ort"`` rewrites attention and RMSNorm into onnxruntime contrib ops (see :mod:`.fusion`): faster on
     the CPU and CUDA providers; ``"none"`` keeps standard ONNX ops only, which every provider (DirectML too) runs.
+    ``cache=True`` adds ``cache.onnx``, the block-wise KV-cache graph of fast decoding (same weights, no copy).
     """
     ckpt, out = Path(checkpoint_dir), Path(output_dir)
     cfg = _check_request(ckpt, out, dtype=dtype, opset=opset, device=device, force=force, validate=validate,
                          fusion=fusion)
-    stages = _Progress(progress, total=4 + validate + (fusion != "none"))
+    stages = _Progress(progress, total=4 + validate + (fusion != "none") + cache * (1 + validate))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _chmod_like_mkdir(tmp)
@@ -124,12 +130,21 @@ def export(
                 fusions = fuse_for_onnxruntime(tmp / TRACED_FILE, tmp / GRAPH_FILE)
                 for name in (TRACED_FILE, TRACED_FILE + ".data"):
                     (tmp / name).unlink()
+        if cache:
+            with stages.stage("tracing the KV-cache graph"):
+                _trace_cache(CachedSamplerGraph(model).eval(), cfg, opset, device).save(
+                    str(tmp / CACHE_FILE), external_data=True)
+                share_weights(tmp / GRAPH_FILE, tmp / CACHE_FILE)
         with stages.stage("writing manifest and tokenizer files"):
-            _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset, fusion=fusion, fusions=fusions)
+            _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset, fusion=fusion, fusions=fusions,
+                            cache_graph=CACHE_FILE if cache else None)
         report = None
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
                 report = validate_export(tmp, model, dtype=dtype, device=device)
+            if cache:
+                with stages.stage("validating the KV-cache graph"):
+                    report["cache_graph"] = validate_cache_graph(tmp, model, dtype=dtype, device=device)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         del model
         if out.exists():
@@ -196,6 +211,27 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
     return cfg
 
 
+def _trace_cache(graph: CachedSamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
+    dim = torch.export.Dim
+    batch = dim("batch", min=1, max=4096)
+    length = dim("length", min=2, max=cfg.max_sequence_length)
+    fed = dim("fed", min=1, max=cfg.max_sequence_length)
+    count = dim("count", min=1, max=cfg.max_sequence_length)
+    dtype = next(graph.parameters()).dtype
+    ids = torch.arange(6, dtype=torch.long, device=device).reshape(2, 3) % cfg.vocab_size
+    mask = torch.ones(2, 7, dtype=torch.long, device=device)
+    mask[1, 0] = 0
+    positions = torch.tensor([[2, 3, 4], [3, 4, 5]], dtype=torch.long, device=device)
+    head = torch.tensor([[0, 2], [1, 2]], dtype=torch.long, device=device)
+    # Two distinct tensors: passing one object twice would make the tracer treat past_values as past_keys.
+    past_keys, past_values = (torch.zeros(cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim, dtype=dtype,
+                                          device=device) for _ in range(2))
+    past_dims = {1: batch, 3: length}
+    return _export(graph, (ids, mask, positions, head, past_keys, past_values), opset, CACHE_INPUTS, CACHE_OUTPUTS, {
+        "input_ids": {0: batch, 1: fed}, "attention_mask": {0: batch, 1: length}, "positions": {0: batch, 1: fed},
+        "head_index": {0: batch, 1: count}, "past_keys": past_dims, "past_values": past_dims})
+
+
 def _trace(graph: SamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
@@ -206,20 +242,24 @@ def _trace(graph: SamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
     mask = torch.ones(2, 5, dtype=torch.long, device=device)
     mask[1, 0] = 0
     positions = torch.tensor([[1, 2, 4], [2, 3, 4]], dtype=torch.long, device=device)
+    return _export(graph, (ids, mask, positions), opset, INPUT_NAMES, OUTPUT_NAMES, {
+        "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
+        "positions": {0: batch, 1: count}})
+
+
+def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes):
+    """``torch.onnx.export`` (dynamo) with its console chatter silenced."""
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
-        return torch.onnx.export(
-            graph, (ids, mask, positions), dynamo=True, opset_version=int(opset), optimize=True,
-            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), external_data=True,
-            dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
-                            "positions": {0: batch, 1: count}},
-        )
+        return torch.onnx.export(graph, args, dynamo=True, opset_version=int(opset), optimize=True,
+                                 input_names=list(inputs), output_names=list(outputs), external_data=True,
+                                 dynamic_shapes=dynamic_shapes)
 
 
 def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opset: int, fusion: str,
-                    fusions: dict[str, int] | None) -> None:
+                    fusions: dict[str, int] | None, cache_graph: str | None) -> None:
     import onnx
     import onnxruntime
 
@@ -249,7 +289,7 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
     manifest = manifest_dict(graph=GRAPH_FILE, dtype=dtype, opset=int(opset), vocab_size=cfg.embedding_size,
                              max_sequence_length=cfg.max_sequence_length, ids=cfg.special_ids(),
                              chat_template=chat_template, model=model_info, provenance=provenance,
-                             fusion=fusion, fusions=fusions)
+                             fusion=fusion, fusions=fusions, cache_graph=cache_graph)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

@@ -98,3 +98,34 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
     if problems:
         raise ValidationError("export validation failed: " + "; ".join(problems) + f" (figures: {report})")
     return report
+
+
+def validate_cache_graph(export_dir, model: LLaDAModel, *, dtype: str, device: str = "cpu") -> dict:
+    """Check ``cache.onnx``: a refresh (whole canvas) and a cached step on the block it left must both give
+    torch's logits for the block (fp32: within 1e-4 of the logit scale; fp16: within 5%)."""
+    import onnxruntime as ort
+
+    manifest = Manifest.load(export_dir)
+    session = ort.InferenceSession(str(manifest.directory / manifest.cache_graph), providers=[PROVIDERS[device]])
+    every, tail = validation_inputs(manifest.vocab_size, manifest.max_sequence_length)
+    ids, mask, block = every["input_ids"], every["attention_mask"], tail["positions"]
+    cfg = model.config
+    zeros = np.zeros((cfg.n_layers, ids.shape[0], cfg.n_kv_heads, ids.shape[1], cfg.head_dim),
+                     dtype=np.float16 if dtype == "fp16" else np.float32)
+    head = np.broadcast_to(np.arange(block.shape[1], dtype=np.int64), block.shape).copy()
+    refresh = session.run(None, {"input_ids": ids, "attention_mask": mask, "positions": every["positions"],
+                                 "head_index": block, "past_keys": zeros, "past_values": zeros})
+    step = session.run(None, {"input_ids": np.take_along_axis(ids, block, 1), "attention_mask": mask,
+                              "positions": block, "head_index": head, "past_keys": refresh[3],
+                              "past_values": refresh[4]})
+    reference = model.float() if dtype != "fp32" else model
+    with torch.no_grad():
+        t = [torch.from_numpy(a).to(next(reference.parameters()).device) for a in (ids, mask, block)]
+        ref = reference(*t, always_mask=True).float().cpu().numpy()
+    scale = max(1.0, float(ref.std()))
+    tolerance = (FP32_RELATIVE_TOLERANCE if dtype == "fp32" else FP16_MAX_RELATIVE_ERROR) * scale
+    report = {"refresh_max_abs_diff": float(np.abs(refresh[0].astype(np.float32) - ref).max()),
+              "step_max_abs_diff": float(np.abs(step[0].astype(np.float32) - ref).max()), "tolerance": tolerance}
+    if max(report["refresh_max_abs_diff"], report["step_max_abs_diff"]) > tolerance:
+        raise ValidationError(f"KV-cache graph validation failed: {report}")
+    return report

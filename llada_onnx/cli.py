@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fusion", choices=("none", "ort"), default="none",
                    help="ort: attention and RMSNorm as onnxruntime contrib ops, faster on the CPU and CUDA "
                         "providers; none: standard ONNX ops only, for every provider incl. DirectML (default)")
+    e.add_argument("--cache", action="store_true",
+                   help="also export cache.onnx, the block-wise KV-cache graph for --cache prefix/dual decoding "
+                        "(shares the weights: no second copy on disk)")
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     e.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the onnxruntime-vs-torch validation")
@@ -101,6 +104,10 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     fast.add_argument("--factor", type=float, default=None,
                       help="fast decoding: Fast-dLLM's factor rule, commit the n most confident tokens with "
                            "(n + 1) * (1 - c_n) < F (at least one)")
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                   help="fast decoding: run a block's steps against keys/values cached at its first step "
+                        "(needs an export made with --cache); approximate")
+    p.add_argument("--refresh-every", type=int, default=None, help="with --cache, refresh it every N steps too")
     p.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                    help="generate every block even after each answer has ended (the text is the same)")
 
@@ -113,6 +120,7 @@ def _settings(args) -> dict:
         "logits_eos_inf": args.logits_eos_inf, "confidence_eos_eot_inf": args.confidence_eos_eot_inf,
         "confidence_eos_eot_inf_fixed": args.confidence_eos_eot_inf_fixed,
         "threshold": args.threshold, "factor": args.factor, "early_stop": args.early_stop,
+        "cache": args.cache, "refresh_every": args.refresh_every,
     }
 
 
@@ -130,7 +138,7 @@ def _export(args) -> int:
         raise _Fail(f"export needs the export extra (pip install 'llada-onnx[export]'): {e}") from None
     export(args.checkpoint_dir, args.output_dir, dtype=args.dtype,
            opset=DEFAULT_OPSET if args.opset is None else args.opset, device=args.device,
-           force=args.force, validate=args.validate, fusion=args.fusion)
+           force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache)
     return 0
 
 

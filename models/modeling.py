@@ -70,7 +70,13 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
+                past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
+        """``(x, k, v)``: the block's output and its own post-RoPE keys/values ``[B, n_kv_heads, n, head_dim]``.
+
+        With ``past_k``/``past_v`` (cached keys/values of other positions) the tokens attend to those first and
+        then to themselves; ``bias`` then covers ``past + n`` keys.
+        """
         b, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
@@ -78,14 +84,15 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin, self.rope_full_precision)
         k = apply_rotary(k, cos, sin, self.rope_full_precision)
+        keys, values = (k, v) if past_k is None else (torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+            keys = keys.repeat_interleave(rep, dim=1)
+            values = values.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, is_causal=False)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, length, -1))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), k, v
 
 
 class _Transformer(nn.Module):
@@ -133,8 +140,38 @@ class LLaDAModel(nn.Module):
             bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
             bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)
         for block in t.blocks:
-            x = block(x, cos, sin, bias)
+            x = block(x, cos, sin, bias)[0]
         return t.ln_f(x)
+
+    def cached_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                             past_keys: torch.Tensor, past_values: torch.Tensor):
+        """Run only the tokens ``input_ids`` ``[B, n]`` standing at canvas ``positions`` ``[B, n]`` (block-wise
+        approximate KV caching, Fast-dLLM).
+
+        ``attention_mask`` ``[B, L]`` covers the whole canvas; ``past_keys``/``past_values``
+        ``[n_layers, B, n_kv_heads, L, head_dim]`` are post-RoPE keys/values of the whole canvas from an earlier
+        forward. The fed tokens attend to the cached entries of every *other* position and to their own fresh
+        keys/values (their stale cached entries are masked out), so with an up-to-date cache this equals the full
+        forward. Returns final-norm hidden states ``[B, n, d_model]`` and the fed tokens' fresh keys and values
+        ``[n_layers, B, n_kv_heads, n, head_dim]``: feeding the whole canvas (``positions = arange(L)``, any past)
+        yields a fresh cache.
+        """
+        t = self.model.transformer
+        x = t.wte(input_ids)
+        length = attention_mask.shape[1]
+        cos, sin = rotary_tables(length, self.config.head_dim, self.config.rope_theta, x.device)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, n, head_dim]
+        keep = attention_mask != 0
+        # (a float sum, not .any(): onnxruntime's CUDA ReduceMax goes through a slow cuDNN reduction)
+        fed = (torch.arange(length, device=x.device)[None, :, None] == positions[:, None, :]).float().sum(-1) > 0
+        keep = torch.cat([keep & ~fed, torch.gather(keep, 1, positions)], dim=1)[:, None, None, :]
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        keys, values = [], []
+        for block, past_k, past_v in zip(t.blocks, past_keys, past_values):
+            x, k, v = block(x, cos, sin, bias, past_k, past_v)
+            keys.append(k)
+            values.append(v)
+        return t.ln_f(x), torch.stack(keys), torch.stack(values)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         t = self.model.transformer

@@ -38,6 +38,7 @@ class Manifest:
     outputs: tuple[str, ...] = OUTPUT_NAMES
     chat_template: str | None = None
     fusion: str = "none"
+    cache_graph: str | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -76,21 +77,23 @@ class Manifest:
                 outputs=tuple(raw["outputs"]),
                 chat_template=raw.get("chat_template"),
                 fusion=raw.get("fusion", "none"),
+                cache_graph=raw.get("cache_graph"),
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, NotAnExportError):
                 raise
             raise NotAnExportError(f"{file} is damaged or incomplete ({type(e).__name__}: {e}); re-export") from None
-        if not m.graph_path.is_file():
-            raise NotAnExportError(f"{path}: the graph file {m.graph} named in {MANIFEST_FILE} is missing")
+        for graph in filter(None, (m.graph, m.cache_graph)):
+            if not (path / graph).is_file():
+                raise NotAnExportError(f"{path}: the graph file {graph} named in {MANIFEST_FILE} is missing")
         return m
 
 
 def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_sequence_length: int,
                   ids: dict[str, int], chat_template: str | None, model: dict[str, Any],
                   provenance: dict[str, Any], variant: str = "exact", fusion: str = "none",
-                  fusions: dict[str, int] | None = None) -> dict[str, Any]:
+                  fusions: dict[str, int] | None = None, cache_graph: str | None = None) -> dict[str, Any]:
     """The JSON the exporter writes (see the module docstring for the I/O contract)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -103,6 +106,7 @@ def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_se
         "variant": variant,
         "fusion": fusion,  # "none": standard ONNX ops only; "ort": onnxruntime contrib ops (CPU, CUDA)
         "fusions": fusions or {},
+        "cache_graph": cache_graph,  # the block-wise KV-cache graph (export/graph.py CachedSamplerGraph), or null
         "vocab_size": vocab_size,
         "max_sequence_length": max_sequence_length,
         "special_ids": {k: ids[k] for k in ID_FIELDS},

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .default_model import default_onnx_dir
+from .kv_cache import KVCacheSession
 from .manifest import Manifest
 from .noise import Noise, NoiseLike
 from .providers import ProviderSpec
@@ -22,9 +23,10 @@ from .text import Prompts, TextCodec
 class Pipeline:
     """One onnxruntime session and one tokenizer for an exported LLaDA model; build once, generate many times."""
 
-    def __init__(self, graph: GraphSession):
+    def __init__(self, graph: GraphSession, **session_kwargs: Any):
         self.graph = graph
         self.manifest = graph.manifest
+        self._session_kwargs = session_kwargs  # for the KV-cache graph, opened on first use
 
     @classmethod
     def from_pretrained(cls, onnx_dir: str | Path | None = None, provider: ProviderSpec = "cpu", *,
@@ -37,9 +39,14 @@ class Pipeline:
         onnxruntime build lacks is an error unless ``allow_fallback`` (then a warning, and the CPU runs it).
         """
         manifest = Manifest.load(default_onnx_dir() if onnx_dir is None else onnx_dir)
-        graph = GraphSession(manifest, provider, device_id=device_id, threads=threads,
-                             session_options=session_options, allow_fallback=allow_fallback)
-        return cls(graph)
+        kwargs = dict(device_id=device_id, threads=threads, session_options=session_options,
+                      allow_fallback=allow_fallback)
+        return cls(GraphSession(manifest, provider, **kwargs), provider=provider, **kwargs)
+
+    @cached_property
+    def kv_cache(self) -> KVCacheSession:
+        """The export's KV-cache graph (``--cache`` exports), opened on first use with the same provider."""
+        return KVCacheSession(self.manifest, **self._session_kwargs)
 
     @cached_property
     def codec(self) -> TextCodec:
@@ -55,13 +62,15 @@ class Pipeline:
                      remasking: str = "low_confidence", logits_eos_inf: bool = False,
                      confidence_eos_eot_inf: bool = False, confidence_eos_eot_inf_fixed: bool = False,
                      allow_mask_in_prompt: bool = False, threshold: float | None = None,
-                     factor: float | None = None, early_stop: bool = False, seed: int | None = None,
+                     factor: float | None = None, early_stop: bool = False, cache: str = "none",
+                     refresh_every: int | None = None, seed: int | None = None,
                      rng: NoiseLike = None, callback: Callback | None = None) -> np.ndarray:
         """The official sampler on token ids; returns the canvas ``[batch, prompt_len + gen_length]`` (int64).
 
         Same arguments and result as :func:`llada_onnx.models.sampler.generate`; ``seed`` or ``rng`` (a numpy
         Generator or ``callable(shape, dtype)``) supplies the noise, seed 0 by default. Fast decoding:
-        ``threshold`` / ``factor`` (Fast-dLLM's parallel rules) and ``early_stop``; see :class:`SamplerSettings`.
+        ``threshold`` / ``factor`` (Fast-dLLM's parallel rules), ``early_stop``, and ``cache`` ("prefix" /
+        "dual", with ``refresh_every``) for exports made with ``--cache``; see :class:`SamplerSettings`.
         Early stop is off here, so the canvas is the full one unless asked.
         """
         settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
@@ -69,12 +78,13 @@ class Pipeline:
                                    logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                                    confidence_eos_eot_inf_fixed=confidence_eos_eot_inf_fixed,
                                    allow_mask_in_prompt=allow_mask_in_prompt, threshold=threshold, factor=factor,
-                                   early_stop=early_stop)
+                                   early_stop=early_stop, cache=cache, refresh_every=refresh_every)
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
         mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
-        return generate_ids(self.graph, ids, mask, settings, noise=Noise.of(rng, seed), callback=callback)
+        return generate_ids(self.graph, ids, mask, settings, noise=Noise.of(rng, seed), callback=callback,
+                            cache_graph=self.kv_cache if cache != "none" else None)
 
     def generate(self, prompts: Prompts, *, chat: bool | None = None, **settings: Any) -> list[str]:
         """Generate text: ``prompts`` is a string, a list of strings, a conversation or a list of conversations.

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .kv_cache import KVCacheSession
 from .noise import Noise
 from .policies import factor_count, threshold_count
 from .session import GraphSession
@@ -57,8 +58,15 @@ def generate_ids(
     *,
     noise: Noise,
     callback: Callback | None = None,
+    cache_graph: KVCacheSession | None = None,
 ) -> np.ndarray:
-    """Run the sampler; returns the canvas ``[batch, prompt_len + gen_length]`` (int64)."""
+    """Run the sampler; returns the canvas ``[batch, prompt_len + gen_length]`` (int64).
+
+    With ``settings.cache`` other than "none", steps run on ``cache_graph``: a refresh at each block's first step
+    (and every ``refresh_every`` steps), cached steps in between.
+    """
+    if settings.cache != "none" and cache_graph is None:
+        raise ValueError(f"cache={settings.cache!r} needs the export's KV-cache graph (export with --cache)")
     m = graph.manifest
     mask_id, eos_id, eot_id = m.id("mask_token_id"), m.id("eos_token_id"), m.id("eot_token_id")
     prompt = np.asarray(prompt, dtype=np.int64)
@@ -89,8 +97,15 @@ def generate_ids(
                 break
             lo = window_start(x, mask_id, block_start)
             feed = np.concatenate([x, np.where(prompt_index, mask_id, x)]) if cfg else x
-            positions = np.broadcast_to(np.arange(lo, block_end, dtype=np.int64), (feed.shape[0], block_end - lo))
-            out = graph.run(feed, am, np.ascontiguousarray(positions), logits=need_logits)
+            positions = np.ascontiguousarray(
+                np.broadcast_to(np.arange(lo, block_end, dtype=np.int64), (feed.shape[0], block_end - lo)))
+            if s.cache == "none":
+                out = graph.run(feed, am, positions, logits=need_logits)
+            elif i == 0 or (s.refresh_every and i % s.refresh_every == 0):
+                out, kv = cache_graph.refresh(feed, am, positions, logits=need_logits)
+            else:
+                fed_end = block_end if s.cache == "dual" else feed.shape[1]
+                out = cache_graph.step(feed, am, lo, fed_end, positions, kv, logits=need_logits)
 
             if need_logits:
                 logits = out.logits

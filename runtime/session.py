@@ -8,6 +8,7 @@ step needs it, and only the two ``[batch, count]`` summaries cross to the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,18 @@ class StepOutput:
     logits: np.ndarray | None  # float32 [batch, count, vocab], only when asked for
 
 
+def open_session(path: Path, provider: _providers.ProviderSpec, *, device_id: int, threads: int | None,
+                 session_options: ort.SessionOptions | None, allow_fallback: bool) -> tuple[ort.InferenceSession, str]:
+    """An onnxruntime session on the asked provider, and the provider that really runs it."""
+    chosen = _providers.resolve(provider, device_id)
+    so = _providers.session_options(chosen[0][0], threads, session_options)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
+    except Exception as e:  # onnxruntime raises its own exception types for a damaged file
+        raise NotAnExportError(f"onnxruntime could not load {path}: {e}") from None
+    return session, _providers.check_active(session, chosen[0][0], allow_fallback)
+
+
 class GraphSession:
     """An exported LLaDA graph in onnxruntime; build it once and call :meth:`run` every step."""
 
@@ -31,14 +44,9 @@ class GraphSession:
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
                  allow_fallback: bool = False):
         self.manifest = manifest
-        chosen = _providers.resolve(provider, device_id)
-        self.requested = chosen[0][0]
-        so = _providers.session_options(self.requested, threads, session_options)
-        try:
-            self.session = ort.InferenceSession(str(manifest.graph_path), sess_options=so, providers=chosen)
-        except Exception as e:  # onnxruntime raises its own exception types for a damaged file
-            raise NotAnExportError(f"onnxruntime could not load {manifest.graph_path}: {e}") from None
-        self.provider = _providers.check_active(self.session, self.requested, allow_fallback)
+        self.session, self.provider = open_session(manifest.graph_path, provider, device_id=device_id,
+                                                   threads=threads, session_options=session_options,
+                                                   allow_fallback=allow_fallback)
         names_in = tuple(i.name for i in self.session.get_inputs())
         names_out = tuple(o.name for o in self.session.get_outputs())
         if set(names_in) != set(manifest.inputs) or not set(manifest.outputs) <= set(names_out):

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,8 @@ class SamplerSettings:
     count by a confidence rule, and each block then runs until it has no mask left (``steps`` is not used).
     ``early_stop`` ends the generation once every row has an EOS/EoT in a completed block and fills the rest
     with the pad id: the text up to the first stop token is then final, so decoded text is unchanged.
+    ``cache`` ("prefix" or "dual") runs the steps of a block against keys/values cached by a full forward at the
+    block's first step, and again every ``refresh_every`` steps if set (see :mod:`.kv_cache`): approximate.
     """
 
     steps: int = 128
@@ -41,6 +44,8 @@ class SamplerSettings:
     threshold: float | None = None
     factor: float | None = None
     early_stop: bool = False
+    cache: str = "none"
+    refresh_every: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "gen_length", "block_length"):
@@ -69,6 +74,14 @@ class SamplerSettings:
             raise ValueError(f"factor must be > 0 (Fast-dLLM uses 1.0), got {self.factor}")
         if self.parallel and self.remasking != "low_confidence":
             raise ValueError("threshold and factor decoding rank by confidence: use remasking='low_confidence'")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache {self.cache!r}; use one of {', '.join(CACHE_MODES)}")
+        if self.refresh_every is not None:
+            if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, (int, np.integer)) \
+                    or self.refresh_every < 1:
+                raise ValueError(f"refresh_every must be a positive integer (steps), got {self.refresh_every!r}")
+            if self.cache == "none":
+                raise ValueError("refresh_every needs cache='prefix' or 'dual'")
         if self.confidence_eos_eot_inf and self.confidence_eos_eot_inf_fixed:
             raise ValueError("set either confidence_eos_eot_inf (upstream's shipped behaviour) or "
                              "confidence_eos_eot_inf_fixed (the intended one), not both")

@@ -94,6 +94,11 @@ def gqa_fused_onnx(tmp_path_factory, gqa_sharded_ckpt):
 
 
 @pytest.fixture(scope="session")
+def tiny_cache_onnx(tmp_path_factory, tiny_ckpt):
+    return _export(tmp_path_factory, tiny_ckpt, "tiny-cache", cache=True)
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny_onnx):
     from llada_onnx.runtime import Pipeline
 

@@ -99,3 +99,61 @@ def test_cli_threshold_runs_fewer_steps():
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["settings"]["threshold"] == 0.7 and data["timings"]["steps"] < 64
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+@pytest.fixture(scope="module")
+def cache_pipe(tiny_cache_onnx):
+    return Pipeline.from_pretrained(tiny_cache_onnx)
+
+
+def test_cache_graph_shares_the_weights_and_passed_validation(tiny_cache_onnx):
+    from llada_onnx.runtime import Manifest
+
+    assert Manifest.load(tiny_cache_onnx).cache_graph == "cache.onnx"
+    assert sorted(p.name for p in tiny_cache_onnx.glob("*.data")) == ["model.onnx.data"]  # no second copy
+    report = json.loads((tiny_cache_onnx / "validation.json").read_text())["cache_graph"]
+    assert report["step_max_abs_diff"] <= report["tolerance"] and report["refresh_max_abs_diff"] <= report["tolerance"]
+
+
+def test_cached_step_right_after_a_refresh_matches_the_full_forward(cache_pipe):
+    ids, mask = prompts(3, seed=2)
+    canvas = np.concatenate([ids, np.full((3, 8), 126336)], axis=1)
+    am = np.concatenate([mask, np.ones((3, 8), dtype=np.int64)], axis=1)
+    window = np.broadcast_to(np.arange(canvas.shape[1] - 8, canvas.shape[1]), (3, 8)).copy()
+    full = cache_pipe.graph.run(canvas, am, window, logits=True)
+    refreshed, kv = cache_pipe.kv_cache.refresh(canvas, am, window, logits=True)
+    length = canvas.shape[1]
+    for fed_start in (length - 8, length - 12):  # dual (the block) and a longer fed span
+        step = cache_pipe.kv_cache.step(canvas, am, fed_start, length, window, kv, logits=True)
+        for out in (refreshed, step):
+            assert np.abs(out.logits - full.logits).max() < 1e-4 * full.logits.std()
+            np.testing.assert_array_equal(out.top_ids, full.top_ids)
+
+
+def test_cache_refreshed_every_step_equals_uncached(cache_pipe):
+    ids, mask = prompts(3, seed=4)
+    kw = dict(gen_length=16, block_length=8, steps=16)
+    exact = cache_pipe.generate_ids(ids, mask, **kw)
+    for mode in ("dual", "prefix"):
+        np.testing.assert_array_equal(cache_pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
+
+
+def test_cached_decoding_fills_every_block(cache_pipe):
+    ids, mask = prompts(2, seed=6)
+    for mode in ("dual", "prefix"):
+        for extra in ({}, {"threshold": 0.5}, {"cfg_scale": 1.0}):
+            out = cache_pipe.generate_ids(ids, mask, gen_length=16, block_length=8, steps=16, cache=mode, **extra)
+            assert out.shape == (2, ids.shape[1] + 16) and not (out == 126336).any()
+
+
+def test_cache_errors(pipeline):
+    ids, mask = prompts(1)
+    with pytest.raises(ValueError, match="--cache"):
+        pipeline.generate_ids(ids, mask, gen_length=8, block_length=8, steps=8, cache="dual")
+    with pytest.raises(ValueError, match="unknown cache"):
+        SamplerSettings(cache="full")
+    with pytest.raises(ValueError, match="refresh_every needs"):
+        SamplerSettings(refresh_every=4)
+    with pytest.raises(ValueError, match="refresh_every must be"):
+        SamplerSettings(cache="dual", refresh_every=0)

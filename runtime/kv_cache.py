@@ -1,0 +1,89 @@
+"""The block-wise KV-cache graph (``cache.onnx``) in onnxruntime: refreshes and cached steps (Fast-dLLM).
+
+A *refresh* feeds the whole canvas and returns, besides the window's predictions, every layer's post-RoPE keys
+and values: the cache. A *cached step* feeds only the current block (``dual`` cache) or the block and everything
+after it (``prefix`` cache) and attends to the cache for all other positions. The cache is approximate: it is as
+old as the last refresh. On CUDA it never leaves the device (IOBinding, OrtValues passed from one call to the
+next); on the CPU the arrays onnxruntime returns are fed back as they are, without copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from . import providers as _providers
+from .manifest import Manifest
+from .session import StepOutput, open_session
+
+Cache = tuple[Any, Any]  # (keys, values): numpy arrays on the CPU, OrtValues on CUDA
+
+
+class KVCacheSession:
+    def __init__(self, manifest: Manifest, provider: _providers.ProviderSpec = "cpu", *, device_id: int = 0,
+                 threads: int | None = None, session_options: ort.SessionOptions | None = None,
+                 allow_fallback: bool = False):
+        if not manifest.cache_graph:
+            raise ValueError(f"{manifest.directory} has no KV-cache graph: re-export with `llada-onnx export "
+                             "--cache` to use cache='prefix' or 'dual'")
+        self.manifest = manifest
+        self.session, self.provider = open_session(manifest.directory / manifest.cache_graph, provider,
+                                                   device_id=device_id, threads=threads,
+                                                   session_options=session_options, allow_fallback=allow_fallback)
+        past = next(i for i in self.session.get_inputs() if i.name == "past_keys")
+        self._past_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+        self._device = "cuda" if self.provider == "CUDAExecutionProvider" else None
+        self._device_id = device_id
+        self._zeros: dict[tuple[int, ...], Any] = {}
+
+    def refresh(self, canvas: np.ndarray, attention_mask: np.ndarray, window: np.ndarray,
+                *, logits: bool) -> tuple[StepOutput, Cache]:
+        """Predictions for ``window`` (canvas positions ``[B, c]``) from the whole canvas, and a fresh cache."""
+        batch, length = canvas.shape
+        m = self.manifest.raw["model"]
+        shape = (m["n_layers"], batch, m["n_kv_heads"], length, m["d_model"] // m["n_heads"])
+        if shape not in self._zeros:  # the past is fully masked in a refresh: any values do, zeros are cheap
+            zeros = np.zeros(shape, dtype=self._past_dtype)
+            self._zeros = {shape: self._on_device(zeros) if self._device else zeros}
+        zeros = self._zeros[shape]
+        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+        return self._run(canvas, attention_mask, positions, window, (zeros, zeros), logits)
+
+    def step(self, canvas: np.ndarray, attention_mask: np.ndarray, fed_start: int, fed_end: int,
+             window: np.ndarray, cache: Cache, *, logits: bool) -> StepOutput:
+        """Predictions for ``window`` from the tokens at ``[fed_start, fed_end)`` against ``cache``."""
+        batch = canvas.shape[0]
+        positions = np.broadcast_to(np.arange(fed_start, fed_end, dtype=np.int64), (batch, fed_end - fed_start))
+        out, _ = self._run(np.ascontiguousarray(canvas[:, fed_start:fed_end]), attention_mask, positions,
+                           window - fed_start, cache, logits)
+        return out
+
+    def _on_device(self, array: np.ndarray):
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
+
+    def _run(self, ids, mask, positions, head_index, past: Cache, logits: bool) -> tuple[StepOutput, Cache]:
+        feeds = {"input_ids": ids, "attention_mask": mask, "positions": np.ascontiguousarray(positions),
+                 "head_index": np.ascontiguousarray(head_index, dtype=np.int64)}
+        if self._device != "cuda":
+            names = ["top_ids", "top_prob", "present_keys", "present_values"] + (["logits"] if logits else [])
+            outs = self.session.run(names, {**feeds, "past_keys": past[0], "past_values": past[1]})
+            return (StepOutput(outs[0], outs[1], outs[4].astype(np.float32, copy=False) if logits else None),
+                    (outs[2], outs[3]))
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, self._on_device(value))
+        for name, value in (("past_keys", past[0]), ("past_values", past[1])):
+            if not isinstance(value, ort.OrtValue):
+                raise TypeError("a CUDA KV cache is the OrtValues a refresh returned")
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("top_ids", "cpu")
+        binding.bind_output("top_prob", "cpu")
+        binding.bind_output("present_keys", "cuda", self._device_id)
+        binding.bind_output("present_values", "cuda", self._device_id)
+        binding.bind_output("logits", "cpu" if logits else "cuda", 0 if logits else self._device_id)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return (StepOutput(outs[0].numpy(), outs[1].numpy(),
+                           outs[4].numpy().astype(np.float32, copy=False) if logits else None), (outs[2], outs[3]))
