@@ -35,8 +35,10 @@ PROMPTS = [  # opening lines of the held-out plays (Julius Caesar, Macbeth, Twel
     "DUKE.\nIf music be the food of love, play on,",
     "VIOLA.\nWhat country, friends, is this?",
 ]
-POLICIES = {"exact": {}, "threshold 0.9": {"threshold": 0.9}, "threshold 0.8": {"threshold": 0.8},
-            "threshold 0.7": {"threshold": 0.7}, "factor 1.0": {"factor": 1.0}}
+RULES = {"exact": {}, "threshold 0.9": {"threshold": 0.9}, "threshold 0.8": {"threshold": 0.8},
+         "threshold 0.7": {"threshold": 0.7}, "factor 1.0": {"factor": 1.0}}
+CACHES = ("none", "dual", "prefix")
+POLICIES = {(rule, cache): dict(kw, cache=cache) for rule, kw in RULES.items() for cache in CACHES}
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
@@ -78,7 +80,7 @@ def run(gens: list[int], reps: int) -> dict:
                                                       callback=lambda info: steps.append(info.step), **policy)
                     walls[name].append(time.perf_counter() - start)
                     calls[name] = len(steps)
-            exact = outputs["exact"][0, ids.shape[1]:]
+            exact = outputs[("exact", "none")][0, ids.shape[1]:]
             for name in POLICIES:
                 s = samples[name]
                 s["wall"].append(statistics.median(walls[name]))
@@ -87,22 +89,24 @@ def run(gens: list[int], reps: int) -> dict:
                 s["loss"].append(continuation_loss(pipe, outputs[name], ids.shape[1]))
         for name in POLICIES:
             s = samples[name]
-            rows.append({"policy": name, "gen_length": gen, "tokens_per_s": gen / statistics.median(s["wall"]),
+            rows.append({"rule": name[0], "cache": name[1], "gen_length": gen, "tokens_per_s": gen / statistics.median(s["wall"]),
                          "calls_per_token": statistics.mean(s["calls"]),
                          "agreement_with_exact": statistics.mean(s["agree"]),
                          "continuation_loss": statistics.mean(s["loss"])})
-        exact_tps = next(r["tokens_per_s"] for r in rows if r["gen_length"] == gen and r["policy"] == "exact")
+        exact_tps = next(r["tokens_per_s"] for r in rows
+                         if r["gen_length"] == gen and (r["rule"], r["cache"]) == ("exact", "none"))
         for r in rows:
             if r["gen_length"] == gen:
                 r["speedup_vs_exact"] = r["tokens_per_s"] / exact_tps
-    return {"rows": rows, "prompts": PROMPTS, "reps": reps, "block_length": 32, "cache": "none"}
+    return {"rows": rows, "prompts": PROMPTS, "reps": reps, "block_length": 32}
 
 
 def markdown(report: dict) -> str:
-    lines = ["| gen | policy | tokens/s | vs exact | model calls / token | tokens = exact | continuation loss (nats) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| gen | rule | KV cache | tokens/s | vs exact | model calls / token | tokens = exact "
+             "| continuation loss (nats) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
-        lines.append(f"| {r['gen_length']} | {r['policy']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_exact']:.2f}x "
+        lines.append(f"| {r['gen_length']} | {r['rule']} | {r['cache']} | {r['tokens_per_s']:.1f} "
+                     f"| {r['speedup_vs_exact']:.2f}x "
                      f"| {r['calls_per_token']:.3f} | {100 * r['agreement_with_exact']:.1f}% "
                      f"| {r['continuation_loss']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -114,18 +118,20 @@ def chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for gen, marker in zip(sorted({r["gen_length"] for r in report["rows"]}), "os^"):
-        rows = [r for r in report["rows"] if r["gen_length"] == gen]
-        ax.plot([r["speedup_vs_exact"] for r in rows], [r["continuation_loss"] for r in rows], marker,
-                label=f"gen {gen}")
-        for r in rows:
-            ax.annotate(r["policy"], (r["speedup_vs_exact"], r["continuation_loss"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("tokens/s relative to exact decoding")
-    ax.set_ylabel("continuation loss, nats (lower = likelier)")
-    ax.set_title("fast decoding on the default model (CPU, no KV cache)")
-    ax.legend()
+    gens = sorted({r["gen_length"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(gens), figsize=(6 * len(gens), 4.5), squeeze=False)
+    for ax, gen in zip(axes[0], gens):
+        for cache, marker in zip(CACHES, "os^"):
+            rows = [r for r in report["rows"] if r["gen_length"] == gen and r["cache"] == cache]
+            ax.plot([r["speedup_vs_exact"] for r in rows], [r["continuation_loss"] for r in rows], marker,
+                    label=f"KV cache: {cache}")
+            for r in rows:
+                ax.annotate(r["rule"], (r["speedup_vs_exact"], r["continuation_loss"]), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("tokens/s relative to exact decoding")
+        ax.set_ylabel("continuation loss, nats (lower = likelier)")
+        ax.set_title(f"default model, CPU, gen {gen}, block 32")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

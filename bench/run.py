@@ -53,20 +53,20 @@ class Model:
 
 # ---------------------------------------------------------------------------------------------- models
 def prepare_model(name: str, work: Path, provider: str, config: str | None, fusions: list[str],
-                  n_layers: int | None = None) -> Model:
+                  n_layers: int | None = None, cache: bool = False) -> Model:
     from llada_onnx.export import export
     from llada_onnx.export.exporter import parameter_count
     from llada_onnx.models import LLaDAConfig, make_tiny_checkpoint
     from llada_onnx.runtime import default_checkpoint_dir, default_onnx_dir
 
     gpu = provider == "cuda"
-    if name == "default" and fusions == ["none"]:
+    if name == "default" and fusions == ["none"]:  # shipped with its KV-cache graph
         ckpt, onnx = default_checkpoint_dir(), {"none": default_onnx_dir()}
     else:
         ckpt = (default_checkpoint_dir() if name == "default" else
                 work / (name if n_layers is None else f"{name}-{n_layers}l") / "checkpoint")
         base = work / ckpt.parent.name if name != "default" else work / "default"
-        onnx = {f: base / f"onnx-{'fp16' if gpu else 'fp32'}-{f}" for f in fusions}
+        onnx = {f: base / f"onnx-{'fp16' if gpu else 'fp32'}-{f}{'-cache' if cache else ''}" for f in fusions}
         if not (ckpt / "config.json").is_file():
             if name == "8b":
                 if not config:
@@ -84,7 +84,7 @@ def prepare_model(name: str, work: Path, provider: str, config: str | None, fusi
             if not (out / "llada_onnx.json").is_file():
                 print(f"[bench] exporting {name} to {out}", file=sys.stderr)
                 export(ckpt, out, dtype="fp16" if gpu else "fp32", device="cuda" if gpu else "cpu", force=True,
-                       fusion=fusion)
+                       fusion=fusion, cache=cache)
     label = name if n_layers is None else f"{name} ({n_layers} layers)"
     return Model(label, ckpt, onnx, parameter_count(LLaDAConfig.from_pretrained(ckpt)))
 

@@ -1,0 +1,115 @@
+"""Latency of one KV-cached step against one full forward, per canvas length (Fast-dLLM's block-wise cache).
+
+    python -m bench.cache_step --models 8b --n-layers 4 --config config.json --provider cuda --lengths 384,1088
+
+For each canvas length L (batch 1, a 64-token prompt, block 32 at the start of the generated span) it times,
+medians over ``--reps`` calls after warm-up: the exact graph's full forward (predictions for the block), a cache
+refresh (full forward that also returns every layer's keys/values), a dual-cache step (the 32 block tokens
+against the cache) and a prefix-cache step (the block and everything after it). On CUDA inputs and the cache
+are bound on the device (IOBinding), as the runtime does. The ratio step / full forward bounds the end-to-end
+gain: with s steps per block, a block costs one refresh and s - 1 cached steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llada_onnx.runtime import Pipeline
+
+from .report import save_report
+from .run import machine, prepare_model
+
+PROMPT, BLOCK = 64, 32
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(pipe: Pipeline, length: int, reps: int) -> dict:
+    vocab = pipe.manifest.vocab_size
+    canvas = np.random.default_rng(0).integers(0, min(vocab, 1000), size=(1, length))
+    canvas[:, PROMPT:] = pipe.manifest.id("mask_token_id")
+    mask = np.ones_like(canvas)
+    window = np.arange(PROMPT, PROMPT + BLOCK, dtype=np.int64)[None]
+    cache = pipe.kv_cache
+    _, kv = cache.refresh(canvas, mask, window, logits=False)
+    row = {"length": length,
+           "full_forward_ms": timed(lambda: pipe.graph.run(canvas, mask, window), reps),
+           "refresh_ms": timed(lambda: cache.refresh(canvas, mask, window, logits=False), reps),
+           "dual_step_ms": timed(lambda: cache.step(canvas, mask, PROMPT, PROMPT + BLOCK, window, kv,
+                                                    logits=False), reps),
+           "prefix_step_ms": timed(lambda: cache.step(canvas, mask, PROMPT, length, window, kv, logits=False), reps)}
+    row["dual_step_fraction"] = row["dual_step_ms"] / row["full_forward_ms"]
+    row["prefix_step_fraction"] = row["prefix_step_ms"] / row["full_forward_ms"]
+    return row
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['model']} ({report['parameters'] / 1e6:,.0f}M parameters), {report['provider']}, "
+             f"{report['machine'].get('gpu') or report['machine']['processor']}, batch 1, block {BLOCK}, "
+             f"medians of {report['reps']}:", "",
+             "| canvas length | full forward ms | refresh ms | dual-cache step ms | prefix-cache step ms "
+             "| dual / full | prefix / full |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rows"]:
+        lines.append(f"| {r['length']} | {r['full_forward_ms']:.2f} | {r['refresh_ms']:.2f} | {r['dual_step_ms']:.2f} "
+                     f"| {r['prefix_step_ms']:.2f} | {r['dual_step_fraction']:.3f} | {r['prefix_step_fraction']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = [r["length"] for r in report["rows"]]
+    for key, label in (("full_forward_ms", "full forward"), ("refresh_ms", "refresh"),
+                       ("prefix_step_ms", "prefix-cache step"), ("dual_step_ms", "dual-cache step")):
+        ax.plot(lengths, [r[key] for r in report["rows"]], "o-", label=label)
+    ax.set_xlabel("canvas length")
+    ax.set_ylabel("ms per model call")
+    ax.set_title(f"{report['model']}, {report['provider']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cache_step", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="default", help="one of default, tiny, 100m, 8b")
+    p.add_argument("--n-layers", type=int, help="override the 8b shape's layer count")
+    p.add_argument("--config", help="config.json giving the 8b shape")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--lengths", default="384,1088")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--work", default=".bench")
+    p.add_argument("--out", default="bench/results/cache-step")
+    a = p.parse_args(argv)
+    model = prepare_model(a.models, Path(a.work), a.provider, a.config, ["none"],
+                          a.n_layers if a.models == "8b" else None, cache=True)
+    pipe = Pipeline.from_pretrained(model.onnx["none"], provider=a.provider)
+    lengths = [int(n) for n in a.lengths.split(",") if int(n) <= pipe.manifest.max_sequence_length]
+    report = {"model": model.name, "parameters": model.parameters, "provider": a.provider, "reps": a.reps,
+              "machine": machine(), "rows": [measure(pipe, n, a.reps) for n in lengths]}
+    save_report(Path(a.out), report, markdown(report), chart, "latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
