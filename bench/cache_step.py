@@ -22,7 +22,7 @@ import numpy as np
 
 from llada_onnx.runtime import Pipeline
 
-from .report import save_report
+from .report import pyplot, save_report
 from .run import machine, prepare_model
 
 PROMPT, BLOCK = 64, 32
@@ -71,10 +71,7 @@ def markdown(report: dict) -> str:
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     lengths = [r["length"] for r in report["rows"]]

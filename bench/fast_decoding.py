@@ -23,7 +23,7 @@ import numpy as np
 
 from llada_onnx.runtime import Pipeline
 
-from .report import save_report
+from .report import pyplot, save_report
 
 PROMPTS = [  # opening lines of the held-out plays (Julius Caesar, Macbeth, Twelfth Night)
     "FLAVIUS.\nHence! home, you idle creatures, get you home:\nIs this a holiday?",
@@ -113,10 +113,7 @@ def markdown(report: dict) -> str:
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     gens = sorted({r["gen_length"] for r in report["rows"]})
     fig, axes = plt.subplots(1, len(gens), figsize=(6 * len(gens), 4.5), squeeze=False)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import save_report
+from .report import pyplot, save_report
 
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4),
@@ -297,10 +297,7 @@ def markdown(report: dict) -> str:
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cases = report["cases"]
     labels = [f"{c['model']}\ngen {c['gen_length']}, b{c['batch']}" for c in cases]
