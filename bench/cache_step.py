@@ -70,7 +70,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict, path: Path) -> None:
+def chart(report: dict):
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -82,9 +82,7 @@ def chart(report: dict, path: Path) -> None:
     ax.set_ylabel("ms per model call")
     ax.set_title(f"{report['model']}, {report['provider']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,7 +112,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict, path: Path) -> None:
+def chart(report: dict):
     plt = pyplot()
 
     gens = sorted({r["gen_length"] for r in report["rows"]})
@@ -129,9 +129,7 @@ def chart(report: dict, path: Path) -> None:
         ax.set_ylabel("continuation loss, nats (lower = likelier)")
         ax.set_title(f"default model, CPU, gen {gen}, block 32")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def pyplot():
@@ -17,9 +17,13 @@ def pyplot():
     return plt
 
 
-def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict, Path], None], png: str) -> None:
+def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict], Any], png: str) -> None:
+    """Write the three files; ``chart(report)`` returns the matplotlib figure to save as ``png``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown, encoding="utf-8")
-    chart(report, out / png)
+    fig = chart(report)
+    fig.tight_layout()
+    fig.savefig(out / png, dpi=110)
+    pyplot().close(fig)
     print(markdown)

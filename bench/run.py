@@ -296,7 +296,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict, path: Path) -> None:
+def chart(report: dict):
     plt = pyplot()
 
     cases = report["cases"]
@@ -314,9 +314,7 @@ def chart(report: dict, path: Path) -> None:
     ax.set_title(f"exact sampler, {report['provider']}: "
                  f"{report['machine'].get('gpu') or str(report['machine']['cpus']) + ' CPU cores'}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- main
