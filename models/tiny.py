@@ -93,9 +93,12 @@ def make_tiny_checkpoint(
     max_shard_bytes: int | None = None,
     with_tokenizer: bool = True,
     chat_template: str | None = LLADA_CHAT_TEMPLATE,
+    dtype: torch.dtype = torch.float32,
     **model_kwargs,
 ) -> Path:
     """Write a tiny checkpoint in the official Hugging Face layout and return its directory.
+
+    ``dtype=torch.bfloat16`` stores the weights as LLaDA's own checkpoints do, at half the disk (8B shape: 16 GB).
 
     Files: ``config.json``, ``model.safetensors`` (or shards + index), ``generation_config.json``,
     ``tokenizer_config.json`` (ids in ``added_tokens_decoder``, the Instruct chat template),
@@ -103,7 +106,7 @@ def make_tiny_checkpoint(
     tokens sit at the checkpoint's ids.
     """
     out = Path(out_dir)
-    model = make_tiny_model(**model_kwargs)
+    model = make_tiny_model(**model_kwargs).to(dtype)
     model.save_pretrained(out, max_shard_bytes=max_shard_bytes)
     write_tiny_tokenizer_files(out, model.config, chat_template=chat_template)
     if not with_tokenizer:
