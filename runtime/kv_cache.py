@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from . import providers as _providers
 from .manifest import Manifest
-from .session import StepOutput, open_session
+from .session import StepOutput, open_session, run_step
 
 Cache = tuple[Any, Any]  # (keys, values): numpy arrays on the CPU, OrtValues on CUDA
 
@@ -66,24 +66,8 @@ class KVCacheSession:
     def _run(self, ids, mask, positions, head_index, past: Cache, logits: bool) -> tuple[StepOutput, Cache]:
         feeds = {"input_ids": ids, "attention_mask": mask, "positions": np.ascontiguousarray(positions),
                  "head_index": np.ascontiguousarray(head_index, dtype=np.int64)}
-        if self._device != "cuda":
-            names = ["top_ids", "top_prob", "present_keys", "present_values"] + (["logits"] if logits else [])
-            outs = self.session.run(names, {**feeds, "past_keys": past[0], "past_values": past[1]})
-            return (StepOutput(outs[0], outs[1], outs[4].astype(np.float32, copy=False) if logits else None),
-                    (outs[2], outs[3]))
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, self._on_device(value))
-        for name, value in (("past_keys", past[0]), ("past_values", past[1])):
-            if not isinstance(value, ort.OrtValue):
-                raise TypeError("a CUDA KV cache is the OrtValues a refresh returned")
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("top_ids", "cpu")
-        binding.bind_output("top_prob", "cpu")
-        binding.bind_output("present_keys", "cuda", self._device_id)
-        binding.bind_output("present_values", "cuda", self._device_id)
-        binding.bind_output("logits", "cpu" if logits else "cuda", 0 if logits else self._device_id)
-        self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        return (StepOutput(outs[0].numpy(), outs[1].numpy(),
-                           outs[4].numpy().astype(np.float32, copy=False) if logits else None), (outs[2], outs[3]))
+        out, (keys, values) = run_step(self.session, feeds, logits=logits,
+                                       cuda_device=self._device_id if self._device else None,
+                                       kept_inputs={"past_keys": past[0], "past_values": past[1]},
+                                       kept_outputs=("present_keys", "present_values"))
+        return out, (keys, values)

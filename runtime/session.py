@@ -62,20 +62,41 @@ class GraphSession:
             *, logits: bool = False) -> StepOutput:
         feeds = {self._in["input_ids"]: input_ids, self._in["attention_mask"]: attention_mask,
                  self._in["positions"]: positions}
-        if self._device == "cuda":
-            return self._run_bound(feeds, logits)
-        names = [self._out["top_ids"], self._out["top_prob"]] + ([self._out["logits"]] if logits else [])
-        outs = self.session.run(names, feeds)
-        return StepOutput(outs[0], outs[1], outs[2].astype(np.float32, copy=False) if logits else None)
+        cuda = self._device_id if self._device == "cuda" else None
+        return run_step(self.session, feeds, logits=logits, cuda_device=cuda, names=self._out)[0]
 
-    def _run_bound(self, feeds: dict[str, Any], logits: bool) -> StepOutput:
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", self._device_id))
-        binding.bind_output(self._out["top_ids"], "cpu")
-        binding.bind_output(self._out["top_prob"], "cpu")
-        binding.bind_output(self._out["logits"], "cpu" if logits else "cuda", 0 if logits else self._device_id)
-        self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()  # in binding order
-        return StepOutput(outs[0].numpy(), outs[1].numpy(),
-                          outs[2].numpy().astype(np.float32, copy=False) if logits else None)
+
+def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, logits: bool, cuda_device: int | None,
+             names: dict[str, str] | None = None, kept_inputs: dict[str, Any] | None = None,
+             kept_outputs: tuple[str, ...] = ()) -> tuple[StepOutput, list[Any]]:
+    """One call of a sampler graph; returns its summaries and the ``kept_outputs``.
+
+    ``names`` maps logits/top_ids/top_prob to the graph's names. On CUDA (``cuda_device``) the call goes through
+    IOBinding: ``top_ids``/``top_prob`` come to the host, ``logits`` only when asked for, and ``kept_outputs``
+    stay on the device as OrtValues, which is also what ``kept_inputs`` (state fed back, e.g. a KV cache) must
+    be there. On the CPU both are numpy arrays, passed without copies.
+    """
+    names = names or {"logits": "logits", "top_ids": "top_ids", "top_prob": "top_prob"}
+    kept_inputs = kept_inputs or {}
+    if cuda_device is None:
+        wanted = [names["top_ids"], names["top_prob"], *kept_outputs] + ([names["logits"]] if logits else [])
+        outs = session.run(wanted, {**feeds, **kept_inputs})
+        kept = outs[2:2 + len(kept_outputs)]
+        full = outs[-1].astype(np.float32, copy=False) if logits else None
+        return StepOutput(outs[0], outs[1], full), kept
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", cuda_device))
+    for name, value in kept_inputs.items():
+        if not isinstance(value, ort.OrtValue):
+            raise TypeError(f"{name} on CUDA must be the OrtValue an earlier call returned")
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output(names["top_ids"], "cpu")
+    binding.bind_output(names["top_prob"], "cpu")
+    for name in kept_outputs:
+        binding.bind_output(name, "cuda", cuda_device)
+    binding.bind_output(names["logits"], "cpu" if logits else "cuda", 0 if logits else cuda_device)
+    session.run_with_iobinding(binding)
+    outs = binding.get_outputs()  # in binding order
+    full = outs[-1].numpy().astype(np.float32, copy=False) if logits else None
+    return StepOutput(outs[0].numpy(), outs[1].numpy(), full), outs[2:2 + len(kept_outputs)]
