@@ -1,8 +1,8 @@
 """Checkpoint directory -> self-contained ONNX directory that the torch-free runtime loads on its own.
 
 Steps: check (config, weights, disk space, opset) -> load the checkpoint lazily -> trace with the dynamo exporter
--> save graph + one external-data file -> write ``llada_onnx.json`` and copy the tokenizer files -> validate in
-onnxruntime against torch. Everything is written into a temporary directory beside the output and renamed into
+-> save graph + one external-data file -> optionally fuse (:mod:`.fusion`) and quantize (:mod:`.quantize`) it ->
+write ``llada_onnx.json`` and copy the tokenizer files -> validate in onnxruntime against torch. Everything is written into a temporary directory beside the output and renamed into
 place only once validation passed, so a failure or Ctrl-C never leaves a half-written export behind.
 """
 
@@ -30,11 +30,13 @@ from ..models.config import LLaDAConfig
 from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
 from .fusion import FUSIONS, fuse_for_onnxruntime
 from .graph import CachedSamplerGraph, SamplerGraph
+from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
 from .validate import ValidationError, validate_cache_graph, validate_export
 
 GRAPH_FILE = "model.onnx"
-TRACED_FILE = "traced.onnx"  # the dynamo graph before fusion, deleted once the fused graph is written
+TRACED_FILE = "traced.onnx"  # the dynamo graph before fusion/quantization, deleted once they have written theirs
+FUSED_FILE = "fused.onnx"  # the fused graph before quantization
 CACHE_FILE = "cache.onnx"  # the block-wise KV-cache graph, sharing the main graph's weights
 CACHE_INPUTS = ("input_ids", "attention_mask", "positions", "head_index", "past_keys", "past_values")
 CACHE_OUTPUTS = ("logits", "top_ids", "top_prob", "present_keys", "present_values")
@@ -103,17 +105,21 @@ def export(
     progress: bool = True,
     fusion: str = "none",
     cache: bool = False,
+    quantization: Quantization = Quantization(),
 ) -> ExportResult:
     """Export a LLaDA checkpoint (Hugging Face layout) to ``output_dir``; see the module docstring.
 
     ``fusion="ort"`` rewrites attention and RMSNorm into onnxruntime contrib ops (see :mod:`.fusion`): faster on
     the CPU and CUDA providers; ``"none"`` keeps standard ONNX ops only, which every provider (DirectML too) runs.
     ``cache=True`` adds ``cache.onnx``, the block-wise KV-cache graph of fast decoding (same weights, no copy).
+    ``quantization`` (see :mod:`.quantize`) turns the weights into int8 or int4 after tracing (and fusing); the
+    KV-cache graph gets the same quantization and still shares the main graph's (quantized) weights.
     """
     ckpt, out = Path(checkpoint_dir), Path(output_dir)
     cfg = _check_request(ckpt, out, dtype=dtype, opset=opset, device=device, force=force, validate=validate,
-                         fusion=fusion)
-    stages = _Progress(progress, total=4 + validate + (fusion != "none") + cache * (1 + validate))
+                         fusion=fusion, quantization=quantization)
+    quantize = quantization.method != "none"
+    stages = _Progress(progress, total=4 + validate + (fusion != "none") + quantize + cache * (1 + validate))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _chmod_like_mkdir(tmp)
@@ -122,31 +128,43 @@ def export(
         with stages.stage("tracing to ONNX (dynamo)"):
             program = _trace(SamplerGraph(model).eval(), cfg, opset, device)
         with stages.stage("saving graph"):
-            program.save(str(tmp / (GRAPH_FILE if fusion == "none" else TRACED_FILE)), external_data=True)
+            graph = tmp / (GRAPH_FILE if fusion == "none" and not quantize else TRACED_FILE)
+            program.save(str(graph), external_data=True)
             del program
-        fusions = None
+        fusions = quantized = None
         if fusion == "ort":
             with stages.stage("fusing attention and RMSNorm for onnxruntime"):
-                fusions = fuse_for_onnxruntime(tmp / TRACED_FILE, tmp / GRAPH_FILE)
-                for name in (TRACED_FILE, TRACED_FILE + ".data"):
-                    (tmp / name).unlink()
+                fused = tmp / (FUSED_FILE if quantize else GRAPH_FILE)
+                fusions = fuse_for_onnxruntime(graph, fused)
+                _remove_graph(graph)
+                graph = fused
+        if quantize:
+            with stages.stage(f"quantizing weights ({quantization.variant})"):
+                quantized = quantize_graph(graph, tmp / GRAPH_FILE, quantization, cfg.embedding_size)
+                _remove_graph(graph)
         if cache:
             with stages.stage("tracing the KV-cache graph"):
-                _trace_cache(CachedSamplerGraph(model).eval(), cfg, opset, device).save(
-                    str(tmp / CACHE_FILE), external_data=True)
+                traced = tmp / (TRACED_FILE if quantize else CACHE_FILE)
+                _trace_cache(CachedSamplerGraph(model).eval(), cfg, opset, device).save(str(traced), external_data=True)
+                if quantize:
+                    quantize_graph(traced, tmp / CACHE_FILE, quantization, cfg.embedding_size)
+                    _remove_graph(traced)
                 share_weights(tmp / GRAPH_FILE, tmp / CACHE_FILE)
         with stages.stage("writing manifest and tokenizer files"):
             _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset, fusion=fusion, fusions=fusions,
-                            cache_graph=CACHE_FILE if cache else None)
+                            cache_graph=CACHE_FILE if cache else None, quantization=quantization,
+                            quantized_ops=quantized)
         report = None
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
-                report = validate_export(tmp, model, dtype=dtype, device=device)
+                report = validate_export(tmp, model, dtype=dtype, device=device, quantized=quantize)
             if cache:
                 with stages.stage("validating the KV-cache graph"):
-                    report["cache_graph"] = validate_cache_graph(tmp, model, dtype=dtype, device=device)
+                    report["cache_graph"] = validate_cache_graph(tmp, model, dtype=dtype, device=device,
+                                                                 quantized=quantize)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         del model
+        _chmod_files(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -169,7 +187,8 @@ def summary(result: ExportResult) -> str:
         bound = f" (tolerance {tolerance:.3g})" if tolerance is not None else f" (logit scale {v['logit_scale']:.3g})"
         lines.append(f"  validation ({v['provider']}, {v['dtype']} vs torch fp32): max |logits diff| "
                      f"{v['logits_max_abs_diff']:.3g}{bound}, top_ids agreement {v['top_ids_agreement']:.4%} "
-                     f"({v['top_ids_decisive_agreement']:.4%} where not a near-tie), max |top_prob diff| "
+                     f"({v['top_ids_decisive_agreement']:.4%} of the {v['top_ids_decisive_positions']} positions that are no "
+                     f"near-tie), max |top_prob diff| "
                      f"{v['top_prob_max_abs_diff']:.3g}")
     lines.append(f"  time {sum(result.seconds.values()):.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
     return "\n".join(lines)
@@ -177,11 +196,15 @@ def summary(result: ExportResult) -> str:
 
 # ---------------------------------------------------------------------------------------------------- steps
 def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str, force: bool,
-                   validate: bool, fusion: str) -> LLaDAConfig:
+                   validate: bool, fusion: str, quantization: Quantization) -> LLaDAConfig:
     if fusion not in FUSIONS:
         raise ExportError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    try:
+        quantization.check(dtype)
+    except QuantizationError as e:
+        raise ExportError(str(e)) from None
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise ExportError(f"opset {opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
                           f"(default {DEFAULT_OPSET}, the highest DirectML runs)")
@@ -202,7 +225,8 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
         raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     graph_bytes = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8
-    need = graph_bytes * (1 if fusion == "none" else 2) + (64 << 20)  # fusing writes a second copy first
+    # fusing and quantizing each write their graph before the one they read is deleted
+    need = graph_bytes * (1 if fusion == "none" and quantization.method == "none" else 2) + (64 << 20)
     free = shutil.disk_usage(existing).free
     if free < need:
         raise ExportError(f"not enough disk space in {existing}: the export needs about {need / 1e9:.2f} GB, "
@@ -259,7 +283,8 @@ def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes):
 
 
 def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opset: int, fusion: str,
-                    fusions: dict[str, int] | None, cache_graph: str | None) -> None:
+                    fusions: dict[str, int] | None, cache_graph: str | None, quantization: Quantization,
+                    quantized_ops: dict[str, int] | None) -> None:
     import onnx
     import onnxruntime
 
@@ -289,8 +314,14 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
     manifest = manifest_dict(graph=GRAPH_FILE, dtype=dtype, opset=int(opset), vocab_size=cfg.embedding_size,
                              max_sequence_length=cfg.max_sequence_length, ids=cfg.special_ids(),
                              chat_template=chat_template, model=model_info, provenance=provenance,
-                             fusion=fusion, fusions=fusions, cache_graph=cache_graph)
+                             fusion=fusion, fusions=fusions, cache_graph=cache_graph, variant=quantization.variant,
+                             quantization=quantization.manifest(), quantized_ops=quantized_ops)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _remove_graph(graph: Path) -> None:
+    for path in (graph, graph.with_name(graph.name + ".data")):
+        path.unlink()
 
 
 def _chmod_like_mkdir(path: Path) -> None:
@@ -298,6 +329,14 @@ def _chmod_like_mkdir(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o777 & ~umask)
+
+
+def _chmod_files(path: Path) -> None:
+    """Some writers (onnxruntime's quantizer) create 0600 files; give every file the mode a plain open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in path.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def _peak_rss_mb() -> float:
@@ -308,4 +347,5 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-__all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "ValidationError", "export", "parameter_count", "summary"]
+__all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "Quantization", "ValidationError", "export",
+           "parameter_count", "summary"]

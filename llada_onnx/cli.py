@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", action="store_true",
                    help="also export cache.onnx, the block-wise KV-cache graph for --cache prefix/dual decoding "
                         "(shares the weights: no second copy on disk)")
+    e.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="int8: dynamic int8 linear layers (fp32 CPU graphs); int4: weight-only MatMulNBits "
+                        "(fp32 for the CPU, with --dtype fp16 for CUDA); default none")
+    e.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32; 128: smaller file)")
+    e.add_argument("--accuracy-level", type=int, default=0,
+                   help="int4 kernels' compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    e.add_argument("--keep-head", action="store_true",
+                   help="leave the LM head and the embedding table in float when quantizing")
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     e.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the onnxruntime-vs-torch validation")
@@ -133,12 +141,13 @@ def _pipeline(args):
 # ------------------------------------------------------------------------------------------------ commands
 def _export(args) -> int:
     try:
-        from .export import DEFAULT_OPSET, export
+        from .export import DEFAULT_OPSET, Quantization, export
     except ImportError as e:
         raise _Fail(f"export needs the export extra (pip install 'llada-onnx[export]'): {e}") from None
     export(args.checkpoint_dir, args.output_dir, dtype=args.dtype,
            opset=DEFAULT_OPSET if args.opset is None else args.opset, device=args.device,
-           force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache)
+           force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache,
+           quantization=Quantization(args.quantize, args.block_size, args.accuracy_level, args.keep_head))
     return 0
 
 

@@ -39,6 +39,7 @@ class Manifest:
     chat_template: str | None = None
     fusion: str = "none"
     cache_graph: str | None = None
+    variant: str = "exact"
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -78,6 +79,7 @@ class Manifest:
                 chat_template=raw.get("chat_template"),
                 fusion=raw.get("fusion", "none"),
                 cache_graph=raw.get("cache_graph"),
+                variant=raw.get("variant", "exact"),
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -93,7 +95,9 @@ class Manifest:
 def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_sequence_length: int,
                   ids: dict[str, int], chat_template: str | None, model: dict[str, Any],
                   provenance: dict[str, Any], variant: str = "exact", fusion: str = "none",
-                  fusions: dict[str, int] | None = None, cache_graph: str | None = None) -> dict[str, Any]:
+                  fusions: dict[str, int] | None = None, cache_graph: str | None = None,
+                  quantization: dict[str, Any] | None = None,
+                  quantized_ops: dict[str, int] | None = None) -> dict[str, Any]:
     """The JSON the exporter writes (see the module docstring for the I/O contract)."""
     return {
         "format_version": FORMAT_VERSION,
@@ -103,7 +107,9 @@ def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_se
         "outputs": list(OUTPUT_NAMES),
         "dtype": dtype,
         "opset": opset,
-        "variant": variant,
+        "variant": variant,  # "exact" (float weights), or the quantization: "int8", "int4-b32", ...
+        "quantization": quantization,  # export/quantize.py Quantization as a dict, or null
+        "quantized_ops": quantized_ops or {},
         "fusion": fusion,  # "none": standard ONNX ops only; "ort": onnxruntime contrib ops (CPU, CUDA)
         "fusions": fusions or {},
         "cache_graph": cache_graph,  # the block-wise KV-cache graph (export/graph.py CachedSamplerGraph), or null

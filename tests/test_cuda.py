@@ -87,3 +87,19 @@ def test_cuda_kv_cache_stays_on_device_and_matches_cpu(tiny_cache_onnx, pipeline
         a = gpu.generate_ids(ids, mask, cache=mode, **kw)
         b = cpu.generate_ids(ids, mask, cache=mode, **kw)
         assert (a == b).mean() > 0.9  # fp32 on both: equal up to rare near-ties
+
+
+def test_fp16_int4_export_on_cuda(tmp_path_factory, tiny_ckpt):
+    """int4 weights with fp16 activations, the GPU variant: validated on CUDA, generates with and without the cache."""
+    from llada_onnx.export import Quantization, export
+
+    out = tmp_path_factory.mktemp("fp16-int4") / "tiny-fp16-int4"
+    report = export(tiny_ckpt, out, dtype="fp16", device="cuda", cache=True, progress=False,
+                    quantization=Quantization("int4")).validation
+    print("fp16 int4 validation:", json.dumps(report))
+    assert report["finite"] and report["variant"] == "int4-b32" and report["top_ids_agreement"] > 0.4
+    pipe = Pipeline.from_pretrained(out, provider="cuda")
+    ids, mask = prompts(3, seed=7)
+    for options in ({}, {"cache": "dual"}):
+        out_ids = pipe.generate_ids(ids, mask, steps=16, gen_length=16, block_length=8, **options)
+        assert (out_ids[:, ids.shape[1]:] != pipe.manifest.id("mask_token_id")).all()

@@ -1,0 +1,164 @@
+"""Weight quantization of an exported graph, with onnxruntime's own quantization tools.
+
+Two methods, both from ``onnxruntime.quantization`` (kept with the kernels that run their output, so the graph
+and the kernels cannot drift apart; optimum's ``ORTQuantizer`` wraps the same dynamic quantizer but has no
+weight-only int4 path):
+
+* ``int8``: ``quantize_dynamic``: per-output-channel int8 weights, activations quantized per tensor at run time
+  (``MatMulInteger``, fused by onnxruntime into ``DynamicQuantizeMatMul``). fp32 graphs only. The embedding table
+  stays in float (onnxruntime's dynamic Gather quantization is per-tensor, too coarse for a vocabulary matrix).
+* ``int4``: ``MatMulNBitsQuantizer``: weight-only, symmetric, blocks of ``block_size`` along the input dimension
+  (``com.microsoft`` ``MatMulNBits``); the embedding table becomes ``GatherBlockQuantized``. Works on fp32 graphs
+  (CPU) and fp16 graphs (CUDA); ``accuracy_level`` picks the kernel's compute type (4 = int8 dot products).
+
+The LM head and the embedding table (the vocabulary matrices: 88% of the ~100M benchmark model, 1B of
+LLaDA-8B's 8B) are quantized too unless ``keep_head``; measurements in the README. A tied head (the embedding's
+transpose, computed in the graph) has no constant weight of its own, so with tied embeddings both stay in float:
+a quantized copy of the table beside the float one the head needs would only add bytes.
+
+Memory: the int4 path loads the graph without its weights and lets the quantizer memory-map each weight from
+the data file when it gets to it, so the float graph is never in RAM at once (peak: the quantized weights plus
+the largest single float matrix). ``quantize_dynamic`` loads the whole float graph (for LLaDA-8B: 32 GB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+METHODS = ("none", "int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0: the kernel's default; 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+
+
+class QuantizationError(ValueError):
+    """The quantization cannot be done as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What to quantize and how; ``Quantization()`` is the unquantized export."""
+
+    method: str = "none"
+    block_size: int = 32
+    accuracy_level: int = 0
+    keep_head: bool = False
+
+    def check(self, dtype: str) -> None:
+        if self.method not in METHODS:
+            raise QuantizationError(f"unknown quantization {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise QuantizationError(f"block size {self.block_size} is not supported; use one of "
+                                    f"{', '.join(map(str, BLOCK_SIZES))} (32 is the default, 128 the smaller file)")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise QuantizationError(f"accuracy level {self.accuracy_level} is out of range; use 0..4")
+        if self.method == "int8" and dtype != "fp32":
+            raise QuantizationError("dynamic int8 quantization takes an fp32 graph (it is a CPU format); "
+                                    "use --dtype fp32, or --quantize int4 for an fp16 graph")
+
+    @property
+    def variant(self) -> str:
+        """The name the manifest and the benchmarks use: ``exact``, ``int8``, ``int4-b32``, ...; ``-keephead``
+        when the vocabulary matrices stay in float."""
+        if self.method == "none":
+            return "exact"
+        name = "int8" if self.method == "int8" else f"int4-b{self.block_size}"
+        return name + ("-keephead" if self.keep_head else "")
+
+    def manifest(self) -> dict | None:
+        if self.method == "none":
+            return None
+        info = asdict(self)
+        if self.method == "int8":
+            del info["block_size"], info["accuracy_level"]
+        return info
+
+
+def vocabulary_nodes(model, vocab_size: int) -> list[str]:
+    """Names of the LM-head MatMul and the embedding Gather: the nodes whose constant weight has a
+    vocabulary-sized dimension."""
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and vocab_size in weights.get(node.input[1], ()):
+            names.append(node.name)
+        elif node.op_type == "Gather" and vocab_size in weights.get(node.input[0], ()):
+            names.append(node.name)
+    return names
+
+
+def shared_weight_gathers(model) -> list[str]:
+    """Gathers whose table another node reads too (a tied LM head): quantizing them would keep both copies."""
+    weights = {t.name for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input) & weights:
+            readers[name] = readers.get(name, 0) + 1
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and readers.get(n.input[0], 0) > 1]
+
+
+def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab_size: int) -> dict[str, int]:
+    """Write the quantized form of graph ``source`` to ``target`` (``target.name + ".data"`` beside it).
+
+    Returns how many nodes of each quantized op type the graph has now.
+    """
+    import onnx
+
+    # The quantizers log every node and advise on preprocessing (through the root logger, which configures
+    # console logging as a side effect): silence them for the call.
+    logging.disable(logging.WARNING)
+    try:
+        if quantization.method == "int8":
+            _int8(source, target, quantization, vocab_size)
+        else:
+            _int4(source, target, quantization, vocab_size)
+    finally:
+        logging.disable(logging.NOTSET)
+    ops = [n.op_type for n in onnx.load(str(target), load_external_data=False).graph.node]
+    quantized = ("MatMulInteger", "MatMulNBits", "GatherBlockQuantized")
+    counts = {op: ops.count(op) for op in quantized if op in ops}
+    if not counts:
+        raise QuantizationError(f"the quantizer found no weights to quantize in {source.name}")
+    return counts
+
+
+def _int8(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(source), load_external_data=False)
+    keep = vocabulary_nodes(model, vocab_size) if q.keep_head else []
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=keep, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})  # attention's activation x activation MatMuls stay float
+
+
+def _int4(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(source), load_external_data=False)
+    keep = (vocabulary_nodes(model, vocab_size) if q.keep_head else []) + shared_weight_gathers(model)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=q.block_size, is_symmetric=True,
+                                     accuracy_level=q.accuracy_level or None, nodes_to_exclude=keep,
+                                     op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
+    # The quantizer reads an external weight relative to the working directory; from the graph's folder it
+    # memory-maps each weight when it quantizes it, instead of the whole float graph being loaded first.
+    with _working_directory(source.parent):
+        quantizer.process()
+        onnx.load_external_data_for_model(quantizer.model.model, ".")  # what stayed float (norms, kept head)
+    onnx.save(quantizer.model.model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=target.name + ".data", size_threshold=1024)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
