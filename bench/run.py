@@ -52,38 +52,48 @@ class Model:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def prepare_model(name: str, work: Path, provider: str, config: str | None, fusions: list[str],
-                  n_layers: int | None = None, cache: bool = False) -> Model:
+def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers: int | None = None) -> Path:
+    """The checkpoint of benchmark model ``name``, written under ``work`` on first use (``default``: the shipped one)."""
     import torch
 
+    from llada_onnx.models import LLaDAConfig, make_tiny_checkpoint
+    from llada_onnx.runtime import default_checkpoint_dir
+
+    if name == "default":
+        return default_checkpoint_dir()
+    ckpt = work / (name if n_layers is None else f"{name}-{n_layers}l") / "checkpoint"
+    if not (ckpt / "config.json").is_file():
+        if name == "8b":
+            if not config:
+                raise SystemExit("--models 8b needs --config path/to/the/8B/config.json")
+            c = LLaDAConfig.from_dict(json.loads(Path(config).read_text()))
+            shape = dict(d_model=c.d_model, n_layers=n_layers or c.n_layers, n_heads=c.n_heads,
+                         n_kv_heads=c.n_kv_heads, mlp_hidden_size=c.mlp_hidden_size, vocab_size=c.vocab_size)
+        elif name in PRESETS:
+            shape = PRESETS[name]
+        else:
+            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, 8b or default")
+        print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
+        # the 8B shape in bf16 as LLaDA ships (16 GB instead of 32: with its exports it fits a 64 GB disk)
+        dtype = torch.bfloat16 if name == "8b" else torch.float32
+        make_tiny_checkpoint(ckpt, max_shard_bytes=2 << 30, dtype=dtype, **shape)
+    return ckpt
+
+
+def prepare_model(name: str, work: Path, provider: str, config: str | None, fusions: list[str],
+                  n_layers: int | None = None, cache: bool = False) -> Model:
     from llada_onnx.export import export
     from llada_onnx.export.exporter import parameter_count
-    from llada_onnx.models import LLaDAConfig, make_tiny_checkpoint
-    from llada_onnx.runtime import default_checkpoint_dir, default_onnx_dir
+    from llada_onnx.models import LLaDAConfig
+    from llada_onnx.runtime import default_onnx_dir
 
     gpu = provider == "cuda"
+    ckpt = model_checkpoint(name, work, config, n_layers)
     if name == "default" and fusions == ["none"]:  # shipped with its KV-cache graph
-        ckpt, onnx = default_checkpoint_dir(), {"none": default_onnx_dir()}
+        onnx = {"none": default_onnx_dir()}
     else:
-        ckpt = (default_checkpoint_dir() if name == "default" else
-                work / (name if n_layers is None else f"{name}-{n_layers}l") / "checkpoint")
-        base = work / ckpt.parent.name if name != "default" else work / "default"
+        base = work / (ckpt.parent.name if name != "default" else "default")
         onnx = {f: base / f"onnx-{'fp16' if gpu else 'fp32'}-{f}{'-cache' if cache else ''}" for f in fusions}
-        if not (ckpt / "config.json").is_file():
-            if name == "8b":
-                if not config:
-                    raise SystemExit("--models 8b needs --config path/to/the/8B/config.json")
-                c = LLaDAConfig.from_dict(json.loads(Path(config).read_text()))
-                shape = dict(d_model=c.d_model, n_layers=n_layers or c.n_layers, n_heads=c.n_heads,
-                             n_kv_heads=c.n_kv_heads, mlp_hidden_size=c.mlp_hidden_size, vocab_size=c.vocab_size)
-            elif name in PRESETS:
-                shape = PRESETS[name]
-            else:
-                raise SystemExit(f"unknown model {name!r}: use tiny, 100m, 8b or default")
-            print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
-            # the 8B shape in bf16 as LLaDA ships (16 GB instead of 32: with its exports it fits a 64 GB disk)
-            dtype = torch.bfloat16 if name == "8b" else torch.float32
-            make_tiny_checkpoint(ckpt, max_shard_bytes=2 << 30, dtype=dtype, **shape)
         for fusion, out in onnx.items():
             if not (out / "llada_onnx.json").is_file():
                 print(f"[bench] exporting {name} to {out}", file=sys.stderr)

@@ -30,6 +30,7 @@ from ..models.config import LLaDAConfig
 from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
 from .fusion import FUSIONS, fuse_for_onnxruntime
 from .graph import CachedSamplerGraph, SamplerGraph
+from .permissions import chmod_files, chmod_like_mkdir
 from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
 from .validate import ValidationError, validate_cache_graph, validate_export
@@ -122,7 +123,7 @@ def export(
     stages = _Progress(progress, total=4 + validate + (fusion != "none") + quantize + cache * (1 + validate))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _chmod_like_mkdir(tmp)
+        chmod_like_mkdir(tmp)
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
         with stages.stage("tracing to ONNX (dynamo)"):
@@ -164,7 +165,7 @@ def export(
                                                                  quantized=quantize)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         del model
-        _chmod_files(tmp)
+        chmod_files(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -322,21 +323,6 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
 def _remove_graph(graph: Path) -> None:
     for path in (graph, graph.with_name(graph.name + ".data")):
         path.unlink()
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp creates 0700; give the export the permissions a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _chmod_files(path: Path) -> None:
-    """Some writers (onnxruntime's quantizer) create 0600 files; give every file the mode a plain open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in path.iterdir():
-        os.chmod(file, 0o666 & ~umask)
 
 
 def _peak_rss_mb() -> float:

@@ -162,3 +162,69 @@ def _working_directory(path: Path):
         yield
     finally:
         os.chdir(previous)
+
+
+def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization: Quantization, *,
+                    device: str = "cpu", force: bool = False, validate: bool = True, progress: bool = True) -> dict:
+    """Quantize a float export into ``output_dir`` without its checkpoint or torch: graphs quantized (the
+    KV-cache graph too, sharing the weights), tokenizer files copied, manifest updated. Validation compares the
+    quantized graph with the float graph it came from (itself validated against torch) and is recorded in
+    ``validation.json``. Written to a temporary folder and renamed into place, as the exporter does.
+    Returns the validation report (or ``{}``)."""
+    import json
+    import shutil
+    import sys
+    import tempfile
+
+    from ..runtime.manifest import MANIFEST_FILE, Manifest
+    from .permissions import chmod_files, chmod_like_mkdir
+    from .shared_weights import share_weights
+    from .validate import validate_against_float
+
+    source, out = Path(export_dir), Path(output_dir)
+    manifest = Manifest.load(source)
+    if manifest.variant != "exact":
+        raise QuantizationError(f"{source} is already quantized ({manifest.variant}); quantize a float export")
+    quantization.check(manifest.dtype)
+    if quantization.method == "none":
+        raise QuantizationError("no quantization asked for: use int8 or int4")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise QuantizationError(f"output directory {out} is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        graphs = [manifest.graph] + ([manifest.cache_graph] if manifest.cache_graph else [])
+        counts = {}
+        for graph in graphs:
+            if progress:
+                print(f"quantizing {graph} ({quantization.variant}) ...", file=sys.stderr, flush=True)
+            counts[graph] = quantize_graph(source / graph, tmp / graph, quantization, manifest.vocab_size)
+        if manifest.cache_graph:
+            share_weights(tmp / manifest.graph, tmp / manifest.cache_graph)
+        skip = {MANIFEST_FILE, "validation.json", *graphs, *(g + ".data" for g in graphs)}
+        for file in source.iterdir():
+            if file.is_file() and file.name not in skip:
+                shutil.copy2(file, tmp / file.name)
+        raw = dict(manifest.raw, variant=quantization.variant, quantization=quantization.manifest(),
+                   quantized_ops=counts[manifest.graph])
+        raw["provenance"] = dict(raw.get("provenance", {}), quantized_from=str(source))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+        report = {}
+        if validate:
+            if progress:
+                print("validating against the float export ...", file=sys.stderr, flush=True)
+            report = validate_against_float(tmp, source, device=device)
+            (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        chmod_files(tmp)
+        chmod_like_mkdir(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"quantized to {out}: {sum(f.stat().st_size for f in out.glob('*.data')) / 1e6:.1f} MB of weights"
+              + (f", top_ids agreement with the float graph {report['top_ids_agreement']:.2%}" if report else ""),
+              file=sys.stderr)
+    return report

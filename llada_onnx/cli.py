@@ -52,18 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", action="store_true",
                    help="also export cache.onnx, the block-wise KV-cache graph for --cache prefix/dual decoding "
                         "(shares the weights: no second copy on disk)")
-    e.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                   help="int8: dynamic int8 linear layers (fp32 CPU graphs); int4: weight-only MatMulNBits "
-                        "(fp32 for the CPU, with --dtype fp16 for CUDA); default none")
-    e.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32; 128: smaller file)")
-    e.add_argument("--accuracy-level", type=int, default=0,
-                   help="int4 kernels' compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8")
-    e.add_argument("--keep-head", action="store_true",
-                   help="leave the LM head and the embedding table in float when quantizing")
+    _quantization_args(e, required=False)
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     e.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the onnxruntime-vs-torch validation")
     e.set_defaults(run=_export)
+
+    q = sub.add_parser("quantize", help="quantize an existing float export (needs llada-onnx[export]; no checkpoint)")
+    q.add_argument("export_dir")
+    q.add_argument("output_dir")
+    _quantization_args(q, required=True)
+    q.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to validate against the float export (fp16 exports: cuda)")
+    q.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    q.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the comparison with the float export")
+    q.set_defaults(run=_quantize)
 
     g = sub.add_parser("generate", help="generate text from prompts")
     _model_args(g)
@@ -120,6 +124,24 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
                    help="generate every block even after each answer has ended (the text is the same)")
 
 
+def _quantization_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4") if required else ("none", "int8", "int4"),
+                   required=required, default=None if required else "none",
+                   help="int8: dynamic int8 linear layers (fp32 CPU graphs); int4: weight-only MatMulNBits "
+                        "(fp32 graphs for the CPU, fp16 graphs for CUDA)" + ("" if required else "; default none"))
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32; 128: smaller file)")
+    p.add_argument("--accuracy-level", type=int, default=0,
+                   help="int4 kernels' compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    p.add_argument("--keep-head", action="store_true",
+                   help="leave the LM head and the embedding table in float when quantizing")
+
+
+def _quantization(args):
+    from .export.quantize import Quantization
+
+    return Quantization(args.quantize, args.block_size, args.accuracy_level, args.keep_head)
+
+
 def _settings(args) -> dict:
     return {
         "gen_length": args.gen_length, "steps": args.steps or args.gen_length,
@@ -141,13 +163,23 @@ def _pipeline(args):
 # ------------------------------------------------------------------------------------------------ commands
 def _export(args) -> int:
     try:
-        from .export import DEFAULT_OPSET, Quantization, export
+        from .export import DEFAULT_OPSET, export
     except ImportError as e:
         raise _Fail(f"export needs the export extra (pip install 'llada-onnx[export]'): {e}") from None
     export(args.checkpoint_dir, args.output_dir, dtype=args.dtype,
            opset=DEFAULT_OPSET if args.opset is None else args.opset, device=args.device,
            force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache,
-           quantization=Quantization(args.quantize, args.block_size, args.accuracy_level, args.keep_head))
+           quantization=_quantization(args))
+    return 0
+
+
+def _quantize(args) -> int:
+    try:
+        from .export.quantize import quantize_export
+    except ImportError as e:
+        raise _Fail(f"quantize needs the export extra (pip install 'llada-onnx[export]'): {e}") from None
+    quantize_export(args.export_dir, args.output_dir, _quantization(args), device=args.device, force=args.force,
+                    validate=args.validate)
     return 0
 
 

@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,27 +100,35 @@ def diffusion_loss(model: LLaDAModel, ids: torch.Tensor, noisy: torch.Tensor, ma
 
 
 @torch.no_grad()
-def masked_token_loss(model: LLaDAModel, tokens: np.ndarray, seq_len: int, mask_id: int, *, eps: float = 1e-3,
-                      max_sequences: int = 256, batch_size: int = 32, seed: int = 1234) -> dict[str, float]:
+def masked_token_loss(model: LLaDAModel | Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, seq_len: int,
+                      mask_id: int, *, eps: float = 1e-3, max_sequences: int = 256, batch_size: int = 32,
+                      seed: int = 1234) -> dict[str, float]:
     """Deterministic evaluation on consecutive ``seq_len`` chunks of a token stream, in float32.
 
     The masking ratios and masks come from NumPy with a fixed seed, so every model (and every engine) is scored on
-    the same corruptions. Returns ``masked_token_loss`` (mean cross-entropy per masked token, nats) and ``elbo``
-    (the training objective, comparable to the logged train loss).
+    the same corruptions. ``model`` is the torch model, or any function from noisy ids (int64 ``[batch, seq_len]``)
+    to logits (an onnxruntime session: the quantization benchmark scores exports with it). Returns
+    ``masked_token_loss`` (mean cross-entropy per masked token, nats) and ``elbo`` (the training objective,
+    comparable to the logged train loss).
     """
+    if isinstance(model, torch.nn.Module):
+        device = next(model.parameters()).device
+        logits_of = lambda ids: model(torch.from_numpy(ids).to(device)).float()  # noqa: E731
+    else:
+        device = torch.device("cpu")
+        logits_of = lambda ids: torch.from_numpy(np.asarray(model(ids), dtype=np.float32))  # noqa: E731
     n = min(len(tokens) // seq_len, max_sequences)
     chunks = np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
     rng = np.random.default_rng(seed)
     p = ((1 - eps) * rng.random(n) + eps)[:, None]
     masked = rng.random((n, seq_len)) < p
-    device = next(model.parameters()).device
     ce_sum = weighted_sum = 0.0
     count = 0
     for i in range(0, n, batch_size):
         ids = torch.from_numpy(chunks[i:i + batch_size]).to(device)
         m = torch.from_numpy(masked[i:i + batch_size]).to(device)
         pm = torch.from_numpy(np.broadcast_to(p[i:i + batch_size], m.shape).copy()).to(device)
-        logits = model(torch.where(m, mask_id, ids)).float()
+        logits = logits_of(np.where(masked[i:i + batch_size], mask_id, chunks[i:i + batch_size]))
         ce = F.cross_entropy(logits[m], ids[m], reduction="none")
         ce_sum += ce.sum().item()
         weighted_sum += (ce / pm[m].float()).sum().item()

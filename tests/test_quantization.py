@@ -158,3 +158,28 @@ def test_cli_exports_fp16_int4_for_gpus(tmp_path, tied_ckpt):
     scales = [t for t in graph.graph.initializer if t.name.endswith("_scales")]
     assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
     assert Manifest.load(out).variant == "int4-b128" and Manifest.load(out).dtype == "fp16"
+
+
+def test_quantize_an_existing_export(tmp_path, tiny_cache_onnx, int4_onnx):
+    """``llada-onnx quantize``: no checkpoint, no re-trace; the same graph as quantizing at export time."""
+    from llada_onnx.cli import main
+    from llada_onnx.export.quantize import QuantizationError, quantize_export
+
+    out = tmp_path / "int4"
+    assert main(["quantize", str(tiny_cache_onnx), str(out), "--quantize", "int4"]) == 0
+    raw = json.loads((out / MANIFEST_FILE).read_text())
+    assert raw["variant"] == "int4-b32" and raw["provenance"]["quantized_from"] == str(tiny_cache_onnx)
+    assert ops(out / "model.onnx") == ops(int4_onnx / "model.onnx")
+    assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]  # cache.onnx shares it
+    assert data_bytes(out) == data_bytes(int4_onnx)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["reference"] == "float export (fp32)" and report["finite"] and report["top_ids_agreement"] > 0.4
+    pipe = Pipeline.from_pretrained(out)
+    ids, mask = prompts(2, seed=3)
+    assert pipe.generate_ids(ids, mask, cache="dual", **KW).shape == (2, ids.shape[1] + 16)
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_export(out, tmp_path / "again", Quantization("int8"), progress=False)
+    with pytest.raises(QuantizationError, match="--force"):
+        quantize_export(tiny_cache_onnx, out, Quantization("int8"), progress=False)
+    assert main(["quantize", str(tiny_cache_onnx), str(tmp_path / "x"), "--quantize", "int4", "--block-size", "24"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]  # nothing half-written

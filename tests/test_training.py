@@ -90,3 +90,24 @@ def test_training_cli_writes_a_loadable_checkpoint(data_dir, tmp_path):
     again = masked_token_loss(model, heldout, 32, cfg.mask_token_id)
     assert again["masked_token_loss"] == pytest.approx(summary["heldout"]["masked_token_loss"], rel=1e-5)
     assert main([str(data_dir), str(tmp_path / "other"), "--resume", *flags]) == 2  # nothing to resume
+
+
+def test_masked_token_loss_scores_an_onnx_session_like_torch():
+    """The evaluator takes a function from noisy ids to logits too: the shipped fp32 export scores as its checkpoint."""
+    import onnxruntime as ort
+
+    from llada_onnx.runtime import default_checkpoint_dir, default_onnx_dir
+
+    model = LLaDAModel.from_pretrained(default_checkpoint_dir()).float()
+    session = ort.InferenceSession(str(default_onnx_dir() / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def logits(ids):
+        every = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+        return session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), "positions": every})[0]
+
+    tokens = np.random.default_rng(0).integers(0, 4080, size=4 * 64)
+    mask_id = model.config.mask_token_id
+    a = masked_token_loss(model, tokens, 64, mask_id, batch_size=2)
+    b = masked_token_loss(logits, tokens, 64, mask_id, batch_size=2)
+    assert a["masked_tokens"] == b["masked_tokens"] > 0
+    assert b["masked_token_loss"] == pytest.approx(a["masked_token_loss"], rel=1e-4)
