@@ -14,10 +14,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,9 +28,9 @@ from ..models.config import LLaDAConfig
 from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
 from .fusion import FUSIONS, fuse_for_onnxruntime
 from .graph import CachedSamplerGraph, SamplerGraph
-from .permissions import chmod_files, chmod_like_mkdir
 from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
+from .staging import staged_directory
 from .validate import ValidationError, validate_cache_graph, validate_export
 
 GRAPH_FILE = "model.onnx"
@@ -121,9 +119,7 @@ def export(
                          fusion=fusion, quantization=quantization)
     quantize = quantization.method != "none"
     stages = _Progress(progress, total=4 + validate + (fusion != "none") + quantize + cache * (1 + validate))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        chmod_like_mkdir(tmp)
+    with staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
         with stages.stage("tracing to ONNX (dynamo)"):
@@ -165,13 +161,6 @@ def export(
                                                                  quantized=quantize)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         del model
-        chmod_files(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     result = ExportResult(out, files, report, stages.seconds, _peak_rss_mb())
     if progress:
@@ -226,8 +215,10 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
         raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     graph_bytes = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8
-    # fusing and quantizing each write their graph before the one they read is deleted
-    need = graph_bytes * (1 if fusion == "none" and quantization.method == "none" else 2) + (64 << 20)
+    # fusing and quantizing each write their graph before the one they read is deleted; an int8 graph keeps its
+    # embedding table in float (at most half the bytes), an int4 one is about a quarter at most
+    quantized = {"none": 0, "int8": graph_bytes // 2, "int4": graph_bytes // 4}[quantization.method]
+    need = max(graph_bytes * (2 if fusion != "none" else 1), graph_bytes + quantized) + (64 << 20)
     free = shutil.disk_usage(existing).free
     if free < need:
         raise ExportError(f"not enough disk space in {existing}: the export needs about {need / 1e9:.2f} GB, "

@@ -169,16 +169,15 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
     """Quantize a float export into ``output_dir`` without its checkpoint or torch: graphs quantized (the
     KV-cache graph too, sharing the weights), tokenizer files copied, manifest updated. Validation compares the
     quantized graph with the float graph it came from (itself validated against torch) and is recorded in
-    ``validation.json``. Written to a temporary folder and renamed into place, as the exporter does.
+    ``validation.json``. Built in a staged folder (:mod:`.staging`), as the exporter's output is.
     Returns the validation report (or ``{}``)."""
     import json
     import shutil
     import sys
-    import tempfile
 
     from ..runtime.manifest import MANIFEST_FILE, Manifest
-    from .permissions import chmod_files, chmod_like_mkdir
     from .shared_weights import share_weights
+    from .staging import staged_directory
     from .validate import validate_against_float
 
     source, out = Path(export_dir), Path(output_dir)
@@ -191,8 +190,7 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise QuantizationError(f"output directory {out} is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         graphs = [manifest.graph] + ([manifest.cache_graph] if manifest.cache_graph else [])
         counts = {}
         for graph in graphs:
@@ -215,14 +213,6 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
                 print("validating against the float export ...", file=sys.stderr, flush=True)
             report = validate_against_float(tmp, source, device=device)
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        chmod_files(tmp)
-        chmod_like_mkdir(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         print(f"quantized to {out}: {sum(f.stat().st_size for f in out.glob('*.data')) / 1e6:.1f} MB of weights"
               + (f", top_ids agreement with the float graph {report['top_ids_agreement']:.2%}" if report else ""),

@@ -25,3 +25,17 @@ def test_bench_smoke(tmp_path):
     assert report["memory"][0]["peak_rss_mb"] > 0 and report["memory"][0]["export_mb"] > 0
     assert "| tiny (16M) | 8 / 8 | 1 | llada-onnx fp32 |" in (out / "report.md").read_text()
     assert (out / "tokens_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantization_bench_smoke(tmp_path):
+    from bench.quantization import main as quantization_main
+
+    out = tmp_path / "q"
+    assert quantization_main(["--models", "tiny", "--variants", "fp32,fp32-int4-b32", "--batches", "1", "--reps", "1",
+                              "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    (model,) = json.loads((out / "report.json").read_text())["models"]
+    fp32, int4 = model["variants"]
+    assert fp32["agreement_vs_first"] == 1.0 and 0 < int4["agreement_vs_first"] <= 1
+    assert int4["size_mb"] < 0.3 * fp32["size_mb"] and int4["load_rss_mb"] > 0 and int4["step_ms"]["1"] > 0
+    assert "| tiny | fp32-int4-b32 |" in (out / "report.md").read_text()
+    assert (out / "quantization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
