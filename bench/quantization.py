@@ -14,7 +14,7 @@ Then, per variant:
 * load RSS: peak RSS of a fresh process that opens the session and runs one step (the host RAM it needs);
 * time per step: one forward of the standard canvas (prompt 64 + gen 256 tokens, the positions of one 32-token
   block, only ``top_ids``/``top_prob`` fetched, through the runtime's session) at batch 1 and 4; variants
-  alternate, one uncounted call first, medians;
+  alternate, one uncounted call first, medians; intra-op threads do not spin-wait (see :func:`no_spinning`);
 * agreement: ``top_ids`` against the first (float) variant at the masked positions of evaluation canvases
   (held-out chunks for the default model, random ids half masked otherwise), and the export validation's figure;
 * held-out masked-token loss (the default model, with ``--heldout``): ``models.train.masked_token_loss`` on the
@@ -98,6 +98,17 @@ def load_rss_mb(onnx: Path, provider: str, threads: int | None) -> float:
     return float(res.stdout.strip().splitlines()[-1]) / 1024
 
 
+def no_spinning():
+    """Session options whose intra-op threads sleep when idle. Several sessions live in this process; with
+    onnxruntime's default spin-waiting, the idle sessions' threads keep spinning after their call and take cores
+    from the session being timed (measured on this 2-core machine: every variant 20-30% slower, unevenly)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def step_times(sessions: dict, mask_id: int, batches: list[int], reps: int) -> dict:
     """Median seconds of one step per variant and batch, variants alternating."""
     rng = np.random.default_rng(0)
@@ -133,7 +144,8 @@ def measure_model(name: str, a, work: Path) -> dict:
     dirs = {v: prepare(name, v, ckpt, work, a.fusion, a.provider) for v in a.variants.split(",")}
     manifests = {v: Manifest.load(d) for v, d in dirs.items()}
     mask_id = next(iter(manifests.values())).id("mask_token_id")
-    sessions = {v: GraphSession(m, a.provider, threads=a.threads) for v, m in manifests.items()}
+    sessions = {v: GraphSession(m, a.provider, threads=a.threads, session_options=no_spinning())
+                for v, m in manifests.items()}
     steps = step_times(sessions, mask_id, [int(b) for b in a.batches.split(",")], a.reps)
     heldout = np.load(a.heldout) if a.heldout and name == "default" else None
     rng = np.random.default_rng(1)
