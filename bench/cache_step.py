@@ -22,7 +22,7 @@ import numpy as np
 
 from llada_onnx.runtime import Pipeline
 
-from .report import pyplot, save_report
+from .report import pyplot, save_report, table
 from .run import machine, prepare_model
 
 PROMPT, BLOCK = 64, 32
@@ -61,12 +61,12 @@ def measure(pipe: Pipeline, length: int, reps: int) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"{report['model']} ({report['parameters'] / 1e6:,.0f}M parameters), {report['provider']}, "
              f"{report['machine'].get('gpu') or report['machine']['processor']}, batch 1, block {BLOCK}, "
-             f"medians of {report['reps']}:", "",
-             "| canvas length | full forward ms | refresh ms | dual-cache step ms | prefix-cache step ms "
-             "| dual / full | prefix / full |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in report["rows"]:
-        lines.append(f"| {r['length']} | {r['full_forward_ms']:.2f} | {r['refresh_ms']:.2f} | {r['dual_step_ms']:.2f} "
-                     f"| {r['prefix_step_ms']:.2f} | {r['dual_step_fraction']:.3f} | {r['prefix_step_fraction']:.3f} |")
+             f"medians of {report['reps']}:", ""]
+    lines += table(["canvas length", "full forward ms", "refresh ms", "dual-cache step ms", "prefix-cache step ms",
+                    "dual / full", "prefix / full"],
+                   [[r["length"], *(f"{r[k]:.2f}" for k in ("full_forward_ms", "refresh_ms", "dual_step_ms",
+                                                              "prefix_step_ms")),
+                     f"{r['dual_step_fraction']:.3f}", f"{r['prefix_step_fraction']:.3f}"] for r in report["rows"]])
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from llada_onnx.runtime import Pipeline
 
-from .report import pyplot, save_report
+from .report import pyplot, save_report, table
 
 PROMPTS = [  # opening lines of the held-out plays (Julius Caesar, Macbeth, Twelfth Night)
     "FLAVIUS.\nHence! home, you idle creatures, get you home:\nIs this a holiday?",
@@ -102,13 +102,11 @@ def run(gens: list[int], reps: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| gen | rule | KV cache | tokens/s | vs exact | model calls / token | tokens = exact "
-             "| continuation loss (nats) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in report["rows"]:
-        lines.append(f"| {r['gen_length']} | {r['rule']} | {r['cache']} | {r['tokens_per_s']:.1f} "
-                     f"| {r['speedup_vs_exact']:.2f}x "
-                     f"| {r['calls_per_token']:.3f} | {100 * r['agreement_with_exact']:.1f}% "
-                     f"| {r['continuation_loss']:.3f} |")
+    lines = table(["gen", "rule", "KV cache", "tokens/s", "vs exact", "model calls / token", "tokens = exact",
+                   "continuation loss (nats)"],
+                  [[r["gen_length"], r["rule"], r["cache"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_exact']:.2f}x",
+                    f"{r['calls_per_token']:.3f}", f"{100 * r['agreement_with_exact']:.1f}%",
+                    f"{r['continuation_loss']:.3f}"] for r in report["rows"]])
     return "\n".join(lines) + "\n"
 
 

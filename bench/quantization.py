@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pyplot, save_report
+from .report import pyplot, save_report, table
 from .run import machine, model_checkpoint
 
 PROMPT, GEN, BLOCK = 64, 256, 32
@@ -190,10 +190,8 @@ def measure_model(name: str, a, work: Path) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Quantized variants, {report['provider']} ({report['threads'] or 'default'} threads), one step at "
-             f"length {PROMPT + GEN} (block of {BLOCK}), medians of {report['reps']}; `{report['command']}`", "",
-             "| model | variant | size MB | load RSS MB | step ms b1 | step ms b4 | speed-up b1 / b4 | agreement "
-             "vs first | validation agreement | held-out loss (change) |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             f"length {PROMPT + GEN} (block of {BLOCK}), medians of {report['reps']}; `{report['command']}`", ""]
+    rows = []
     for m in report["models"]:
         for r in m["variants"]:
             ms, up = r["step_ms"], r["speedup_vs_first"]
@@ -202,9 +200,11 @@ def markdown(report: dict) -> str:
                     if "heldout" in r else "-")
             agree, valid = ("-" if x is None else f"{x:.2%}"
                             for x in (r["agreement_vs_first"], r["validation_agreement_vs_torch"]))
-            lines.append(f"| {m['model']} | {r['variant']} | {r['size_mb']:.1f} | {r['load_rss_mb']:.0f} | "
-                         f"{cell(ms, 1, '{:.1f}')} | {cell(ms, 4, '{:.1f}')} | {cell(up, 1, '{:.2f}x')} / "
-                         f"{cell(up, 4, '{:.2f}x')} | {agree} | {valid} | {loss} |")
+            rows.append([m["model"], r["variant"], f"{r['size_mb']:.1f}", f"{r['load_rss_mb']:.0f}",
+                         cell(ms, 1, "{:.1f}"), cell(ms, 4, "{:.1f}"),
+                         f"{cell(up, 1, '{:.2f}x')} / {cell(up, 4, '{:.2f}x')}", agree, valid, loss])
+    lines += table(["model", "variant", "size MB", "load RSS MB", "step ms b1", "step ms b4", "speed-up b1 / b4",
+                    "agreement vs first", "validation agreement", "held-out loss (change)"], rows)
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,11 @@ def pyplot():
     return plt
 
 
+def table(headers: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, its separator and one line per row of already formatted cells."""
+    return ["| " + " | ".join(map(str, cells)) + " |" for cells in (headers, ["---"] * len(headers), *rows)]
+
+
 def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict], Any], png: str) -> None:
     """Write the three files; ``chart(report)`` returns the matplotlib figure to save as ``png``."""
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import pyplot, save_report
+from .report import pyplot, save_report, table
 
 PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4),
@@ -290,23 +290,21 @@ def markdown(report: dict) -> str:
     lines = [f"Machine: {m.get('gpu') or m['processor']}, {m['cpus']} cores; onnxruntime {m['onnxruntime']}, "
              f"torch {m.get('torch')}; provider {report['provider']}; medians of {report['reps']}; block 32, "
              f"prompt {report['cases'][0]['prompt_length'] if report['cases'] else '-'} tokens, temperature 0.",
-             "",
-             "| model | gen / steps | batch | engine | s / generation | tokens/s | step ms (model + host) | host "
-             "| vs torch | peak RSS MB | tokens = torch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in report["cases"]:
-        for name, e in c["engines"].items():
-            lines.append(
-                f"| {c['model']} ({c['parameters'] / 1e6:,.0f}M) | {c['gen_length']} / {c['steps']} | {c['batch']} "
-                f"| {name} {e['dtype']} | {e['wall_s']:.2f} | {e['tokens_per_s']:.1f} | {e['step_ms']:.2f} "
-                f"({e['model_step_ms']:.2f} + {e['host_step_ms']:.2f}) | {100 * e['host_fraction']:.1f}% "
-                f"| {e['speedup_vs_torch']:.2f}x | {e['peak_rss_mb']:,.0f} | {100 * e['token_agreement_vs_torch']:.1f}% |")
+             ""]
+    lines += table(
+        ["model", "gen / steps", "batch", "engine", "s / generation", "tokens/s", "step ms (model + host)", "host",
+         "vs torch", "peak RSS MB", "tokens = torch"],
+        [[f"{c['model']} ({c['parameters'] / 1e6:,.0f}M)", f"{c['gen_length']} / {c['steps']}", c["batch"],
+          f"{name} {e['dtype']}", f"{e['wall_s']:.2f}", f"{e['tokens_per_s']:.1f}",
+          f"{e['step_ms']:.2f} ({e['model_step_ms']:.2f} + {e['host_step_ms']:.2f})", f"{100 * e['host_fraction']:.1f}%",
+          f"{e['speedup_vs_torch']:.2f}x", f"{e['peak_rss_mb']:,.0f}", f"{100 * e['token_agreement_vs_torch']:.1f}%"]
+         for c in report["cases"] for name, e in c["engines"].items()])
     if report.get("memory"):
         lines += ["", "Runtime alone (a fresh process that loads the export and generates once, at the largest "
-                  "setting):", "", "| model | export MB | peak RSS MB | RSS - export MB |", "| --- | --- | --- | --- |"]
-        for mem in report["memory"]:
-            lines.append(f"| {mem['model']} | {mem['export_mb']:,.0f} | {mem['peak_rss_mb']:,.0f} "
-                         f"| {mem['peak_rss_mb'] - mem['export_mb']:,.0f} |")
+                  "setting):", ""]
+        lines += table(["model", "export MB", "peak RSS MB", "RSS - export MB"],
+                       [[mem["model"], f"{mem['export_mb']:,.0f}", f"{mem['peak_rss_mb']:,.0f}",
+                         f"{mem['peak_rss_mb'] - mem['export_mb']:,.0f}"] for mem in report["memory"]])
     return "\n".join(lines) + "\n"
 
 

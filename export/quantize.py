@@ -24,8 +24,11 @@ the largest single float matrix). ``quantize_dynamic`` loads the whole float gra
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,10 +174,6 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
     quantized graph with the float graph it came from (itself validated against torch) and is recorded in
     ``validation.json``. Built in a staged folder (:mod:`.staging`), as the exporter's output is.
     Returns the validation report (or ``{}``)."""
-    import json
-    import shutil
-    import sys
-
     from ..runtime.manifest import MANIFEST_FILE, Manifest
     from .shared_weights import share_weights
     from .staging import staged_directory
