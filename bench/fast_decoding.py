@@ -64,16 +64,17 @@ def continuation_loss(pipe: Pipeline, canvas: np.ndarray, prompt_len: int, seed:
     return total / count
 
 
-def run(gens: list[int], reps: int) -> dict:
+def run(gens: list[int], reps: int, policies: dict = POLICIES) -> dict:
+    """``policies`` must include ``("exact", "none")``, the baseline of the speed-ups."""
     pipe = Pipeline.from_pretrained()
     rows = []
     for gen in gens:
-        samples = {name: {"wall": [], "calls": [], "agree": [], "loss": []} for name in POLICIES}
+        samples = {name: {"wall": [], "calls": [], "agree": [], "loss": []} for name in policies}
         for i, prompt in enumerate(PROMPTS):
             ids, mask = pipe.codec.encode_batch([prompt], chat=False)
-            outputs, walls, calls = {}, {name: [] for name in POLICIES}, {}
+            outputs, walls, calls = {}, {name: [] for name in policies}, {}
             for _ in range(reps):  # policies alternate within each repetition
-                for name, policy in POLICIES.items():
+                for name, policy in policies.items():
                     steps = []
                     start = time.perf_counter()
                     outputs[name] = pipe.generate_ids(ids, mask, gen_length=gen, steps=gen, block_length=32,
@@ -81,13 +82,13 @@ def run(gens: list[int], reps: int) -> dict:
                     walls[name].append(time.perf_counter() - start)
                     calls[name] = len(steps)
             exact = outputs[("exact", "none")][0, ids.shape[1]:]
-            for name in POLICIES:
+            for name in policies:
                 s = samples[name]
                 s["wall"].append(statistics.median(walls[name]))
                 s["calls"].append(calls[name] / gen)
                 s["agree"].append(float((outputs[name][0, ids.shape[1]:] == exact).mean()))
                 s["loss"].append(continuation_loss(pipe, outputs[name], ids.shape[1]))
-        for name in POLICIES:
+        for name in policies:
             s = samples[name]
             rows.append({"rule": name[0], "cache": name[1], "gen_length": gen, "tokens_per_s": gen / statistics.median(s["wall"]),
                          "calls_per_token": statistics.mean(s["calls"]),
@@ -134,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fast_decoding", description=__doc__.split("\n")[0])
     p.add_argument("--gens", default="128,256")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rules", default=",".join(RULES), help="comma-separated subset of: " + ", ".join(RULES))
+    p.add_argument("--caches", default=",".join(CACHES))
     p.add_argument("--out", default="bench/results/fast-decoding")
     a = p.parse_args(argv)
-    report = run([int(g) for g in a.gens.split(",")], a.reps)
+    rules, caches = a.rules.split(","), a.caches.split(",")
+    policies = {(rule, cache): POLICIES[rule, cache] for rule in rules for cache in caches}
+    if ("exact", "none") not in policies:
+        p.error("--rules must include exact and --caches none: exact decoding without a cache is the baseline")
+    report = run([int(g) for g in a.gens.split(",")], a.reps, policies)
     save_report(Path(a.out), report, markdown(report), chart, "speed_quality.png")
     return 0
 

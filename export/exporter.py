@@ -26,8 +26,8 @@ import torch
 from ..models.checkpoint import INDEX_FILE, checkpoint_bytes, load_model, weight_files
 from ..models.config import LLaDAConfig
 from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
-from .fusion import FUSIONS, fuse_for_onnxruntime
-from .graph import CachedSamplerGraph, SamplerGraph
+from .fusion import CACHE_REQUIRED, FUSIONS, fuse_for_onnxruntime
+from .graph import CachedSamplerGraph, SamplerGraph, cache_io_names
 from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
 from .staging import staged_directory
@@ -37,8 +37,6 @@ GRAPH_FILE = "model.onnx"
 TRACED_FILE = "traced.onnx"  # the dynamo graph before fusion/quantization, deleted once they have written theirs
 FUSED_FILE = "fused.onnx"  # the fused graph before quantization
 CACHE_FILE = "cache.onnx"  # the block-wise KV-cache graph, sharing the main graph's weights
-CACHE_INPUTS = ("input_ids", "attention_mask", "positions", "head_index", "past_keys", "past_values")
-CACHE_OUTPUTS = ("logits", "top_ids", "top_prob", "present_keys", "present_values")
 DEFAULT_OPSET = 20  # the highest opset the DirectML execution provider supports
 MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's floor; the newest opset onnxruntime runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -118,12 +116,13 @@ def export(
     cfg = _check_request(ckpt, out, dtype=dtype, opset=opset, device=device, force=force, validate=validate,
                          fusion=fusion, quantization=quantization)
     quantize = quantization.method != "none"
-    stages = _Progress(progress, total=4 + validate + (fusion != "none") + quantize + cache * (1 + validate))
+    stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
+                       + cache * (1 + validate))
     with staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
         with stages.stage("tracing to ONNX (dynamo)"):
-            program = _trace(SamplerGraph(model).eval(), cfg, opset, device)
+            program = _trace(SamplerGraph(model, device).eval(), cfg, opset, device)
         with stages.stage("saving graph"):
             graph = tmp / (GRAPH_FILE if fusion == "none" and not quantize else TRACED_FILE)
             program.save(str(graph), external_data=True)
@@ -141,12 +140,21 @@ def export(
                 _remove_graph(graph)
         if cache:
             with stages.stage("tracing the KV-cache graph"):
-                traced = tmp / (TRACED_FILE if quantize else CACHE_FILE)
-                _trace_cache(CachedSamplerGraph(model).eval(), cfg, opset, device).save(str(traced), external_data=True)
-                if quantize:
-                    quantize_graph(traced, tmp / CACHE_FILE, quantization, cfg.embedding_size)
-                    _remove_graph(traced)
-                share_weights(tmp / GRAPH_FILE, tmp / CACHE_FILE)
+                graph = tmp / (TRACED_FILE if fusion == "ort" or quantize else CACHE_FILE)
+                program = _trace_cache(CachedSamplerGraph(model, device).eval(), cfg, opset, device)
+                program.save(str(graph), external_data=True)
+                del program
+            if fusion == "ort":
+                with stages.stage("fusing the KV-cache graph for onnxruntime"):
+                    fused = tmp / (FUSED_FILE if quantize else CACHE_FILE)
+                    fuse_for_onnxruntime(graph, fused, required=CACHE_REQUIRED)
+                    _remove_graph(graph)
+                    graph = fused
+            if quantize:
+                with stages.stage(f"quantizing the KV-cache graph ({quantization.variant})"):
+                    quantize_graph(graph, tmp / CACHE_FILE, quantization, cfg.embedding_size)
+                    _remove_graph(graph)
+            share_weights(tmp / GRAPH_FILE, tmp / CACHE_FILE)
         with stages.stage("writing manifest and tokenizer files"):
             _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset, fusion=fusion, fusions=fusions,
                             cache_graph=CACHE_FILE if cache else None, quantization=quantization,
@@ -233,19 +241,21 @@ def _trace_cache(graph: CachedSamplerGraph, cfg: LLaDAConfig, opset: int, device
     length = dim("length", min=2, max=cfg.max_sequence_length)
     fed = dim("fed", min=1, max=cfg.max_sequence_length)
     count = dim("count", min=1, max=cfg.max_sequence_length)
+    cached = dim("cached", min=0, max=cfg.max_sequence_length)  # 0 in a refresh
     dtype = next(graph.parameters()).dtype
     ids = torch.arange(6, dtype=torch.long, device=device).reshape(2, 3) % cfg.vocab_size
     mask = torch.ones(2, 7, dtype=torch.long, device=device)
     mask[1, 0] = 0
     positions = torch.tensor([[2, 3, 4], [3, 4, 5]], dtype=torch.long, device=device)
     head = torch.tensor([[0, 2], [1, 2]], dtype=torch.long, device=device)
-    # Two distinct tensors: passing one object twice would make the tracer treat past_values as past_keys.
-    past_keys, past_values = (torch.zeros(cfg.n_layers, 2, cfg.n_kv_heads, 7, cfg.head_dim, dtype=dtype,
-                                          device=device) for _ in range(2))
-    past_dims = {1: batch, 3: length}
-    return _export(graph, (ids, mask, positions, head, past_keys, past_values), opset, CACHE_INPUTS, CACHE_OUTPUTS, {
-        "input_ids": {0: batch, 1: fed}, "attention_mask": {0: batch, 1: length}, "positions": {0: batch, 1: fed},
-        "head_index": {0: batch, 1: count}, "past_keys": past_dims, "past_values": past_dims})
+    # Distinct tensors, and a past length (5) unlike the others so that no two dimensions get unified.
+    past = [torch.zeros(2, cfg.n_kv_heads, 5, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(2 * cfg.n_layers)]
+    inputs, outputs = cache_io_names(cfg.n_layers)
+    shapes = {"input_ids": {0: batch, 1: fed}, "attention_mask": {0: batch, 1: length},
+              "positions": {0: batch, 1: fed}, "head_index": {0: batch, 1: count}}
+    return _export(graph, (ids, mask, positions, head, *past), opset, inputs, outputs,
+                   (*shapes.values(), tuple({0: batch, 2: cached} for _ in past)))
 
 
 def _trace(graph: SamplerGraph, cfg: LLaDAConfig, opset: int, device: str):

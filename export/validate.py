@@ -120,14 +120,14 @@ def validate_cache_graph(export_dir, model: LLaDAModel, *, dtype: str, device: s
     every, tail = validation_inputs(manifest.vocab_size, manifest.max_sequence_length)
     ids, mask, block = every["input_ids"], every["attention_mask"], tail["positions"]
     cfg = model.config
-    zeros = np.zeros((cfg.n_layers, ids.shape[0], cfg.n_kv_heads, ids.shape[1], cfg.head_dim),
+    empty = np.zeros((ids.shape[0], cfg.n_kv_heads, 0, cfg.head_dim),
                      dtype=np.float16 if dtype == "fp16" else np.float32)
+    pasts = [i.name for i in session.get_inputs()][4:]
     head = np.broadcast_to(np.arange(block.shape[1], dtype=np.int64), block.shape).copy()
     refresh = session.run(None, {"input_ids": ids, "attention_mask": mask, "positions": every["positions"],
-                                 "head_index": block, "past_keys": zeros, "past_values": zeros})
+                                 "head_index": block, **{name: empty for name in pasts}})
     step = session.run(None, {"input_ids": np.take_along_axis(ids, block, 1), "attention_mask": mask,
-                              "positions": block, "head_index": head, "past_keys": refresh[3],
-                              "past_values": refresh[4]})
+                              "positions": block, "head_index": head, **dict(zip(pasts, refresh[3:]))})
     reference = model.float() if dtype != "fp32" else model
     with torch.no_grad():
         t = [torch.from_numpy(a).to(next(reference.parameters()).device) for a in (ids, mask, block)]

@@ -7,6 +7,7 @@ the exporter relies on that to keep the vocabulary-sized matmul off the rest of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,9 +34,14 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[length, head_dim]`` in float32, half-rotation layout ``cat(freqs, freqs)``."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(length, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
+    return rotary_at(torch.arange(length, device=device), head_dim, theta)
+
+
+def rotary_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[*positions.shape, head_dim]`` at the given positions only (the same float32 products as the
+    whole table, so a cached step rotates exactly as the full forward does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -71,11 +77,11 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
-                past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
-        """``(x, k, v)``: the block's output and its own post-RoPE keys/values ``[B, n_kv_heads, n, head_dim]``.
+                past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``(x, (k, v))``: the block's output and its own post-RoPE keys/values ``[B, n_kv_heads, n, head_dim]``.
 
-        With ``past_k``/``past_v`` (cached keys/values of other positions) the tokens attend to those first and
-        then to themselves; ``bias`` then covers ``past + n`` keys.
+        With ``past`` (cached keys/values ``[B, n_kv_heads, P, head_dim]`` of other positions) the tokens attend
+        to those and to themselves; ``bias`` then covers ``P + n`` keys, the past first.
         """
         b, length, _ = x.shape
         h = self.attn_norm(x)
@@ -84,15 +90,35 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin, self.rope_full_precision)
         k = apply_rotary(k, cos, sin, self.rope_full_precision)
-        keys, values = (k, v) if past_k is None else (torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            keys = keys.repeat_interleave(rep, dim=1)
-            values = values.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, is_causal=False)
+        if past is None:
+            keys, values = k, v
+            if self.n_kv_heads != self.n_heads:
+                rep = self.n_heads // self.n_kv_heads
+                keys = keys.repeat_interleave(rep, dim=1)
+                values = values.repeat_interleave(rep, dim=1)
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, is_causal=False)
+        else:
+            att = self._attend_with_past(q, k, v, *past, bias)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, length, -1))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), k, v
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), (k, v)
+
+    def _attend_with_past(self, q, k, v, past_k, past_v, bias):
+        """Softmax attention over ``past + fresh`` keys without concatenating them.
+
+        A cached step is small (one block of queries), so copying every layer's cache into a ``cat(past, k)`` per
+        step, and repeating it per query head under GQA, would cost more than the attention itself. Scores are
+        taken against the past and the fresh keys separately and only the ``[n, P + n]`` score rows are joined;
+        query heads are folded onto their key head instead of repeating the keys.
+        """
+        b, _, n, hd = q.shape
+        rep = self.n_heads // self.n_kv_heads
+        q = (q * hd ** -0.5).reshape(b, self.n_kv_heads, rep * n, hd)
+        scores = torch.cat([q @ past_k.transpose(2, 3), q @ k.transpose(2, 3)], dim=-1) + bias
+        p = torch.softmax(scores, dim=-1)
+        cached = past_k.shape[2]
+        att = p[..., :cached] @ past_v + p[..., cached:] @ v
+        return att.reshape(b, self.n_heads, n, hd)
 
 
 class _Transformer(nn.Module):
@@ -144,34 +170,32 @@ class LLaDAModel(nn.Module):
         return t.ln_f(x)
 
     def cached_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                             past_keys: torch.Tensor, past_values: torch.Tensor):
+                             past: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         """Run only the tokens ``input_ids`` ``[B, n]`` standing at canvas ``positions`` ``[B, n]`` (block-wise
         approximate KV caching, Fast-dLLM).
 
-        ``attention_mask`` ``[B, L]`` covers the whole canvas; ``past_keys``/``past_values``
-        ``[n_layers, B, n_kv_heads, L, head_dim]`` are post-RoPE keys/values of the whole canvas from an earlier
-        forward. The fed tokens attend to the cached entries of every *other* position and to their own fresh
-        keys/values (their stale cached entries are masked out), so with an up-to-date cache this equals the full
-        forward. Returns final-norm hidden states ``[B, n, d_model]`` and the fed tokens' fresh keys and values
-        ``[n_layers, B, n_kv_heads, n, head_dim]``: feeding the whole canvas (``positions = arange(L)``, any past)
-        yields a fresh cache.
+        ``attention_mask`` ``[B, L]`` covers the whole canvas; ``past`` holds, per layer, post-RoPE keys and values
+        ``[B, n_kv_heads, P, head_dim]`` of canvas positions ``[0, P)`` from an earlier forward. The fed tokens
+        attend to the cached entries of every *other* position and to their own fresh keys/values (their stale
+        cached entries are masked out), so with an up-to-date cache this equals the full forward. Returns
+        final-norm hidden states ``[B, n, d_model]`` and, per layer, the fed tokens' fresh keys and values: feeding
+        the whole canvas (``positions = arange(L)``) with an empty past (``P = 0``) is a full forward that yields
+        a fresh cache.
         """
         t = self.model.transformer
         x = t.wte(input_ids)
-        length = attention_mask.shape[1]
-        cos, sin = rotary_tables(length, self.config.head_dim, self.config.rope_theta, x.device)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, n, head_dim]
+        cos, sin = rotary_at(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, head_dim]
         keep = attention_mask != 0
-        # (a float sum, not .any(): onnxruntime's CUDA ReduceMax goes through a slow cuDNN reduction)
-        fed = (torch.arange(length, device=x.device)[None, :, None] == positions[:, None, :]).float().sum(-1) > 0
-        keep = torch.cat([keep & ~fed, torch.gather(keep, 1, positions)], dim=1)[:, None, None, :]
+        cached = past[0][0].shape[2]
+        keep = torch.cat([keep.scatter(1, positions, False)[:, :cached], torch.gather(keep, 1, positions)], dim=1)
+        keep = keep[:, None, None, :]
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
-        keys, values = [], []
-        for block, past_k, past_v in zip(t.blocks, past_keys, past_values):
-            x, k, v = block(x, cos, sin, bias, past_k, past_v)
-            keys.append(k)
-            values.append(v)
-        return t.ln_f(x), torch.stack(keys), torch.stack(values)
+        presents = []
+        for block, layer_past in zip(t.blocks, past):
+            x, present = block(x, cos, sin, bias, layer_past)
+            presents.append(present)
+        return t.ln_f(x), presents
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         t = self.model.transformer

@@ -1,8 +1,8 @@
 """The block-wise KV-cache graph (``cache.onnx``) in onnxruntime: refreshes and cached steps (Fast-dLLM).
 
-A *refresh* feeds the whole canvas and returns, besides the window's predictions, every layer's post-RoPE keys
-and values: the cache. A *cached step* feeds only the current block (``dual`` cache) or the block and everything
-after it (``prefix`` cache) and attends to the cache for all other positions. The cache is approximate: it is as
+A *refresh* feeds the whole canvas (against an empty past) and returns, besides the window's predictions, every
+layer's post-RoPE keys and values: the cache. A *cached step* feeds only the current block (``dual`` cache) or the
+block and everything after it (``prefix`` cache) and attends to the cache for all other positions. The cache is approximate: it is as
 old as the last refresh. On CUDA it never leaves the device (IOBinding, OrtValues passed from one call to the
 next); on the CPU the arrays onnxruntime returns are fed back as they are, without copies.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
-from .manifest import Manifest
+from .manifest import Manifest, NotAnExportError
 from .session import StepOutput, open_session, run_step
 
-Cache = tuple[Any, Any]  # (keys, values): numpy arrays on the CPU, OrtValues on CUDA
+Cache = list[Any]  # per layer keys then values [B, n_kv_heads, L, head_dim]: numpy arrays, OrtValues on CUDA
 
 
 class KVCacheSession:
@@ -32,24 +32,28 @@ class KVCacheSession:
         self.session, self.provider = open_session(manifest.directory / manifest.cache_graph, provider,
                                                    device_id=device_id, threads=threads,
                                                    session_options=session_options, allow_fallback=allow_fallback)
-        past = next(i for i in self.session.get_inputs() if i.name == "past_keys")
-        self._past_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+        inputs = self.session.get_inputs()
+        self._past = [i.name for i in inputs if i.name.startswith("past_")]
+        if self._past != [f"past_{kind}_{i}" for i in range(len(self._past) // 2) for kind in ("keys", "values")]:
+            raise NotAnExportError(f"{manifest.directory / manifest.cache_graph} is a KV-cache graph of an older "
+                                   "llada-onnx (one stacked past tensor); re-export with `llada-onnx export --cache`")
+        self._present = [name.replace("past_", "present_", 1) for name in self._past]
+        self._past_dtype = np.float16 if inputs[4].type == "tensor(float16)" else np.float32
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else None
         self._device_id = device_id
-        self._zeros: dict[tuple[int, ...], Any] = {}
+        self._empty: dict[int, Any] = {}
 
     def refresh(self, canvas: np.ndarray, attention_mask: np.ndarray, window: np.ndarray,
                 *, logits: bool) -> tuple[StepOutput, Cache]:
         """Predictions for ``window`` (canvas positions ``[B, c]``) from the whole canvas, and a fresh cache."""
         batch, length = canvas.shape
-        m = self.manifest.raw["model"]
-        shape = (m["n_layers"], batch, m["n_kv_heads"], length, m["d_model"] // m["n_heads"])
-        if shape not in self._zeros:  # the past is fully masked in a refresh: any values do, zeros are cheap
-            zeros = np.zeros(shape, dtype=self._past_dtype)
-            self._zeros = {shape: self._on_device(zeros) if self._device else zeros}
-        zeros = self._zeros[shape]
+        if batch not in self._empty:  # a refresh attends to no past: every layer gets an empty one
+            m = self.manifest.raw["model"]
+            empty = np.zeros((batch, m["n_kv_heads"], 0, m["d_model"] // m["n_heads"]), dtype=self._past_dtype)
+            self._empty = {batch: self._on_device(empty) if self._device else empty}
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
-        return self._run(canvas, attention_mask, positions, window, (zeros, zeros), logits)
+        return self._run(canvas, attention_mask, positions, window, [self._empty[batch]] * len(self._past),
+                         logits, self._present)
 
     def step(self, canvas: np.ndarray, attention_mask: np.ndarray, fed_start: int, fed_end: int,
              window: np.ndarray, cache: Cache, *, logits: bool) -> StepOutput:
@@ -57,17 +61,15 @@ class KVCacheSession:
         batch = canvas.shape[0]
         positions = np.broadcast_to(np.arange(fed_start, fed_end, dtype=np.int64), (batch, fed_end - fed_start))
         out, _ = self._run(np.ascontiguousarray(canvas[:, fed_start:fed_end]), attention_mask, positions,
-                           window - fed_start, cache, logits)
+                           window - fed_start, cache, logits, ())
         return out
 
     def _on_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
 
-    def _run(self, ids, mask, positions, head_index, past: Cache, logits: bool) -> tuple[StepOutput, Cache]:
+    def _run(self, ids, mask, positions, head_index, past: Cache, logits: bool,
+             presents: list[str] | tuple[()]) -> tuple[StepOutput, Cache]:
         feeds = {"input_ids": ids, "attention_mask": mask, "positions": np.ascontiguousarray(positions),
                  "head_index": np.ascontiguousarray(head_index, dtype=np.int64)}
-        out, (keys, values) = run_step(self.session, feeds, logits=logits,
-                                       cuda_device=self._device_id if self._device else None,
-                                       kept_inputs={"past_keys": past[0], "past_values": past[1]},
-                                       kept_outputs=("present_keys", "present_values"))
-        return out, (keys, values)
+        return run_step(self.session, feeds, logits=logits, cuda_device=self._device_id if self._device else None,
+                        kept_inputs=dict(zip(self._past, past)), kept_outputs=tuple(presents))

@@ -1,9 +1,9 @@
 """The official LLaDA sampler in NumPy, driving an exported graph (token-exact with the torch reference).
 
-Per step it asks the graph only for the window of positions that can be committed (the current block). On the
-greedy ``low_confidence`` path the graph's ``top_ids``/``top_prob`` are all it needs; ``logits`` of the window
-are fetched only when a setting needs them (temperature > 0, CFG, EOS/EoT suppression), and float64 is used only
-for the Gumbel-max over that window, as upstream does.
+Per step it asks the graph only for the positions that can be committed (the masked ones of the current block).
+On the greedy ``low_confidence`` path the graph's ``top_ids``/``top_prob`` are all it needs; ``logits`` of those
+positions are fetched only when a setting needs them (temperature > 0, CFG, EOS/EoT suppression), and float64 is
+used only for the Gumbel-max over them, as upstream does.
 """
 
 from __future__ import annotations
@@ -96,16 +96,21 @@ def generate_ids(
             if (not s.parallel and i == s.steps_per_block) or (s.parallel and not (x[:, :block_end] == mask_id).any()):
                 break
             lo = window_start(x, mask_id, block_start)
+            # Only the window's masked positions can be committed: the graph predicts those alone (in canvas order,
+            # rows padded to the batch's largest count), which keeps the vocabulary-sized head off the rest.
+            window = x[:, lo:block_end] == mask_id
+            order = np.argsort(~window, axis=1, kind="stable")[:, :max(1, int(window.sum(axis=1).max()))]
+            masked = np.take_along_axis(window, order, axis=1)  # False on padding
+            positions = lo + order
             feed = np.concatenate([x, np.where(prompt_index, mask_id, x)]) if cfg else x
-            positions = np.ascontiguousarray(
-                np.broadcast_to(np.arange(lo, block_end, dtype=np.int64), (feed.shape[0], block_end - lo)))
+            fed_positions = np.concatenate([positions, positions]) if cfg else positions
             if s.cache == "none":
-                out = graph.run(feed, am, positions, logits=need_logits)
+                out = graph.run(feed, am, fed_positions, logits=need_logits)
             elif i == 0 or (s.refresh_every and i % s.refresh_every == 0):
-                out, kv = cache_graph.refresh(feed, am, positions, logits=need_logits)
+                out, kv = cache_graph.refresh(feed, am, fed_positions, logits=need_logits)
             else:
                 fed_end = block_end if s.cache == "dual" else feed.shape[1]
-                out = cache_graph.step(feed, am, lo, fed_end, positions, kv, logits=need_logits)
+                out = cache_graph.step(feed, am, lo, fed_end, fed_positions, kv, logits=need_logits)
 
             if need_logits:
                 logits = out.logits
@@ -115,7 +120,8 @@ def generate_ids(
                 if s.logits_eos_inf:
                     logits[..., eos_id] = -np.inf
                 if s.temperature > 0:
-                    u = noise.gumbel_uniforms(logits.shape)
+                    u = noise.gumbel_uniforms((batch, window.shape[1], logits.shape[-1]))  # drawn for the window
+                    u = np.take_along_axis(u, order[..., None], axis=1)
                     x0 = np.argmax(np.exp(logits.astype(np.float64)) / (-np.log(u)) ** s.temperature, axis=-1)
                 else:
                     x0 = np.argmax(logits, axis=-1)
@@ -126,17 +132,16 @@ def generate_ids(
             else:
                 x0, confidence = out.top_ids, out.top_prob
             if s.remasking == "random":
-                confidence = noise.remask_uniforms((batch, block_end - lo))
+                confidence = np.take_along_axis(noise.remask_uniforms(window.shape), order, axis=1)
 
-            masked = x[:, lo:block_end] == mask_id
             confidence = np.where(masked, confidence, -np.inf)
             committed = []
             for j in rows:
-                order = np.argsort(-confidence[j], kind="stable")
-                k = commit_count(confidence[j, order[:masked[j].sum()]], s) if s.parallel else int(schedule[j, i])
-                chosen = order[:k]
-                x[j, lo + chosen] = x0[j, chosen]
-                committed.append(lo + chosen)
+                ranked = np.argsort(-confidence[j], kind="stable")
+                k = commit_count(confidence[j, ranked[:masked[j].sum()]], s) if s.parallel else int(schedule[j, i])
+                chosen = ranked[:k]
+                x[j, positions[j, chosen]] = x0[j, chosen]
+                committed.append(positions[j, chosen])
             if callback is not None:
                 info = StepInfo(block, step, None if s.parallel else s.steps, x, committed, prompt_len)
                 if callback(info) is False:

@@ -90,7 +90,7 @@ def tiny_fused_onnx(tmp_path_factory, tiny_ckpt):
 
 @pytest.fixture(scope="session")
 def gqa_fused_onnx(tmp_path_factory, gqa_sharded_ckpt):
-    return _export(tmp_path_factory, gqa_sharded_ckpt, "gqa-fused", fusion="ort")
+    return _export(tmp_path_factory, gqa_sharded_ckpt, "gqa-fused", fusion="ort", cache=True)
 
 
 @pytest.fixture(scope="session")

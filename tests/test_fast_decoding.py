@@ -131,6 +131,24 @@ def test_cached_step_right_after_a_refresh_matches_the_full_forward(cache_pipe):
             np.testing.assert_array_equal(out.top_ids, full.top_ids)
 
 
+def test_fused_gqa_cache_graph(gqa_fused_onnx):
+    """Grouped-query attention (query heads folded onto their key head) and the ORT-fused cache graph."""
+    from collections import Counter
+
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(gqa_fused_onnx / "cache.onnx"), load_external_data=False).graph.node)
+    assert ops["SkipSimplifiedLayerNormalization"] >= 2 and "ReduceMean" not in ops
+    report = json.loads((gqa_fused_onnx / "validation.json").read_text())["cache_graph"]
+    assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
+    pipe = Pipeline.from_pretrained(gqa_fused_onnx)
+    ids, mask = prompts(3, seed=5)
+    kw = dict(gen_length=16, block_length=8, steps=16)
+    exact = pipe.generate_ids(ids, mask, **kw)
+    for mode in ("dual", "prefix"):
+        np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
+
+
 def test_cache_refreshed_every_step_equals_uncached(cache_pipe):
     ids, mask = prompts(3, seed=4)
     kw = dict(gen_length=16, block_length=8, steps=16)
@@ -157,3 +175,25 @@ def test_cache_errors(pipeline):
         SamplerSettings(refresh_every=4)
     with pytest.raises(ValueError, match="refresh_every must be"):
         SamplerSettings(cache="dual", refresh_every=0)
+
+
+def test_a_stacked_cache_graph_of_an_older_export_is_refused(tiny_cache_onnx, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from llada_onnx.runtime import Manifest
+    from llada_onnx.runtime.kv_cache import KVCacheSession
+    from llada_onnx.runtime.manifest import NotAnExportError
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_cache_onnx, old)
+    names = ["input_ids", "attention_mask", "positions", "head_index", "past_keys", "past_values"]
+    graph = helper.make_graph([helper.make_node("Identity", ["past_keys"], ["present_keys"])], "old",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info("present_keys", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9),
+              str(old / "cache.onnx"))
+    with pytest.raises(NotAnExportError, match="older llada-onnx.*re-export"):
+        KVCacheSession(Manifest.load(old))

@@ -99,21 +99,23 @@ def test_fused_gqa_graph_is_token_exact(gqa_fused_onnx, gqa_sharded_ckpt):
                                   reference(LLaDAModel.from_pretrained(gqa_sharded_ckpt), ids, mask, **kw))
 
 
-def test_greedy_path_fetches_no_logits(pipeline, monkeypatch):
+def test_greedy_path_fetches_no_logits_and_predicts_only_masked_positions(pipeline, monkeypatch):
     calls = []
     real = pipeline.graph.run
+    mask_id = pipeline.manifest.id("mask_token_id")
 
     def spy(ids, mask, positions, *, logits=False):
-        calls.append((ids.shape, positions.shape, logits))
+        calls.append((positions.shape, logits, bool((np.take_along_axis(ids, positions, 1) == mask_id).all())))
         return real(ids, mask, positions, logits=logits)
 
     monkeypatch.setattr(pipeline.graph, "run", spy)
     ids, mask = prompts(2)
     pipeline.generate_ids(ids, mask, steps=4, gen_length=8, block_length=4)
-    assert calls and all(not logits and pos == (2, 4) for _, pos, logits in calls)
+    # two steps per 4-token block, two tokens each: the block's masked positions only (4, then 2)
+    assert calls == [((2, 4), False, True), ((2, 2), False, True)] * 2
     calls.clear()
     pipeline.generate_ids(ids, mask, steps=4, gen_length=8, block_length=4, temperature=0.5)
-    assert all(logits and pos == (2, 4) for _, pos, logits in calls)  # logits of the block only
+    assert calls == [((2, 4), True, True), ((2, 2), True, True)] * 2  # logits of those positions only
 
 
 def test_callback_sees_steps_and_can_stop(pipeline):

@@ -26,8 +26,10 @@ def test_hand_checked_example(settings, expected):
     t, n, graph = run_both(HAND_PROMPT, **settings)
     np.testing.assert_array_equal(t, expected)
     np.testing.assert_array_equal(n, expected)
-    # The runtime asked only for the current block, and never for logits on the greedy path.
-    assert all(pos == (2, 2) and not logits for _, pos, logits in graph.calls)
+    # The runtime asked only for the current block's masked positions (2, then 1 when a step commits one token of
+    # a 2-token block), and never for logits on the greedy path.
+    per_block = [2, 1] if settings["steps"] == settings["gen_length"] else [2]
+    assert [(pos, logits) for _, pos, logits in graph.calls] == [((2, n), False) for n in per_block] * 2
 
 
 def test_schedule_matches_upstream():
