@@ -1,6 +1,6 @@
 """Latency of one KV-cached step against one full forward, per canvas length (Fast-dLLM's block-wise cache).
 
-    python -m bench.cache_step --models 8b --n-layers 4 --config config.json --provider cuda --lengths 384,1088
+    python -m bench.cache_step --models 8b --config config.json --provider cuda --fusion ort --lengths 384,1088
 
 For each canvas length L (batch 1, a 64-token prompt, block 32 at the start of the generated span) it times,
 medians over ``--reps`` calls after warm-up: the exact graph's full forward (predictions for the block), a cache
@@ -60,6 +60,7 @@ def measure(pipe: Pipeline, length: int, reps: int) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"{report['model']} ({report['parameters'] / 1e6:,.0f}M parameters), {report['provider']}, "
+             f"fusion {report.get('fusion', 'none')}, "
              f"{report['machine'].get('gpu') or report['machine']['processor']}, batch 1, block {BLOCK}, "
              f"medians of {report['reps']}:", ""]
     lines += table(["canvas length", "full forward ms", "refresh ms", "dual-cache step ms", "prefix-cache step ms",
@@ -91,16 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layers", type=int, help="override the 8b shape's layer count")
     p.add_argument("--config", help="config.json giving the 8b shape")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--fusion", choices=("none", "ort"), default="none", help="export fusion of both graphs")
     p.add_argument("--lengths", default="384,1088")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--work", default=".bench")
     p.add_argument("--out", default="bench/results/cache-step")
     a = p.parse_args(argv)
-    model = prepare_model(a.models, Path(a.work), a.provider, a.config, ["none"],
+    model = prepare_model(a.models, Path(a.work), a.provider, a.config, [a.fusion],
                           a.n_layers if a.models == "8b" else None, cache=True)
-    pipe = Pipeline.from_pretrained(model.onnx["none"], provider=a.provider)
+    pipe = Pipeline.from_pretrained(model.onnx[a.fusion], provider=a.provider)
     lengths = [int(n) for n in a.lengths.split(",") if int(n) <= pipe.manifest.max_sequence_length]
-    report = {"model": model.name, "parameters": model.parameters, "provider": a.provider, "reps": a.reps,
+    report = {"model": model.name, "parameters": model.parameters, "provider": a.provider, "fusion": a.fusion,
+              "reps": a.reps,
               "machine": machine(), "rows": [measure(pipe, n, a.reps) for n in lengths]}
     save_report(Path(a.out), report, markdown(report), chart, "latency.png")
     return 0

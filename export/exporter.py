@@ -34,8 +34,7 @@ from .staging import staged_directory
 from .validate import ValidationError, validate_cache_graph, validate_export
 
 GRAPH_FILE = "model.onnx"
-TRACED_FILE = "traced.onnx"  # the dynamo graph before fusion/quantization, deleted once they have written theirs
-FUSED_FILE = "fused.onnx"  # the fused graph before quantization
+TRACED_FILE = "traced.onnx"  # a graph before quantization, deleted once the quantizer has written its own
 CACHE_FILE = "cache.onnx"  # the block-wise KV-cache graph, sharing the main graph's weights
 DEFAULT_OPSET = 20  # the highest opset the DirectML execution provider supports
 MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's floor; the newest opset onnxruntime runs
@@ -114,42 +113,37 @@ def export(
     """
     ckpt, out = Path(checkpoint_dir), Path(output_dir)
     cfg = _check_request(ckpt, out, dtype=dtype, opset=opset, device=device, force=force, validate=validate,
-                         fusion=fusion, quantization=quantization)
+                         fusion=fusion, cache=cache, quantization=quantization)
     quantize = quantization.method != "none"
     stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
-                       + cache * (1 + validate))
+                       + cache * (2 + validate))
     with staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
         with stages.stage("tracing to ONNX (dynamo)"):
             program = _trace(SamplerGraph(model, device).eval(), cfg, opset, device)
-        with stages.stage("saving graph"):
-            graph = tmp / (GRAPH_FILE if fusion == "none" and not quantize else TRACED_FILE)
-            program.save(str(graph), external_data=True)
-            del program
         fusions = quantized = None
         if fusion == "ort":
             with stages.stage("fusing attention and RMSNorm for onnxruntime"):
-                fused = tmp / (FUSED_FILE if quantize else GRAPH_FILE)
-                fusions = fuse_for_onnxruntime(graph, fused)
-                _remove_graph(graph)
-                graph = fused
+                fusions = fuse_for_onnxruntime(program.model)
+        with stages.stage("saving graph"):
+            graph = tmp / (TRACED_FILE if quantize else GRAPH_FILE)
+            program.save(str(graph), external_data=True)
+            del program
         if quantize:
             with stages.stage(f"quantizing weights ({quantization.variant})"):
                 quantized = quantize_graph(graph, tmp / GRAPH_FILE, quantization, cfg.embedding_size)
                 _remove_graph(graph)
         if cache:
             with stages.stage("tracing the KV-cache graph"):
-                graph = tmp / (TRACED_FILE if fusion == "ort" or quantize else CACHE_FILE)
                 program = _trace_cache(CachedSamplerGraph(model, device).eval(), cfg, opset, device)
-                program.save(str(graph), external_data=True)
-                del program
             if fusion == "ort":
                 with stages.stage("fusing the KV-cache graph for onnxruntime"):
-                    fused = tmp / (FUSED_FILE if quantize else CACHE_FILE)
-                    fuse_for_onnxruntime(graph, fused, required=CACHE_REQUIRED)
-                    _remove_graph(graph)
-                    graph = fused
+                    fuse_for_onnxruntime(program.model, required=CACHE_REQUIRED)
+            with stages.stage("saving the KV-cache graph"):
+                graph = tmp / (TRACED_FILE if quantize else CACHE_FILE)
+                program.save(str(graph), external_data=True)
+                del program
             if quantize:
                 with stages.stage(f"quantizing the KV-cache graph ({quantization.variant})"):
                     quantize_graph(graph, tmp / CACHE_FILE, quantization, cfg.embedding_size)
@@ -194,7 +188,7 @@ def summary(result: ExportResult) -> str:
 
 # ---------------------------------------------------------------------------------------------------- steps
 def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str, force: bool,
-                   validate: bool, fusion: str, quantization: Quantization) -> LLaDAConfig:
+                   validate: bool, fusion: str, cache: bool, quantization: Quantization) -> LLaDAConfig:
     if fusion not in FUSIONS:
         raise ExportError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
     if dtype not in DTYPES:
@@ -223,10 +217,12 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
         raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     graph_bytes = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8
-    # fusing and quantizing each write their graph before the one they read is deleted; an int8 graph keeps its
-    # embedding table in float (at most half the bytes), an int4 one is about a quarter at most
+    # The quantizer writes its graph before the float one it reads is deleted (an int8 graph keeps its embedding
+    # table in float: at most half the bytes; an int4 one is about a quarter at most). The KV-cache graph is saved
+    # with its own copy of the weights (then quantized) before it is pointed at the main graph's.
     quantized = {"none": 0, "int8": graph_bytes // 2, "int4": graph_bytes // 4}[quantization.method]
-    need = max(graph_bytes * (2 if fusion != "none" else 1), graph_bytes + quantized) + (64 << 20)
+    with_cache = (graph_bytes + 2 * quantized if quantized else 2 * graph_bytes) if cache else 0
+    need = max(graph_bytes + quantized, with_cache) + (64 << 20)
     free = shutil.disk_usage(existing).free
     if free < need:
         raise ExportError(f"not enough disk space in {existing}: the export needs about {need / 1e9:.2f} GB, "

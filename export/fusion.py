@@ -11,8 +11,6 @@ rewritten graph computes the same function and passes the same validation.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 FUSIONS = ("none", "ort")
 # Ops a fused graph must contain: without them the rules did not match and the "fused" export would be a slow copy.
 REQUIRED = ("MultiHeadAttention", "SimplifiedLayerNormalization")
@@ -26,21 +24,21 @@ class FusionError(RuntimeError):
     """The fusion rules did not match this graph (the message names what is missing)."""
 
 
-def fuse_for_onnxruntime(source: Path, target: Path, required: tuple[str, ...] | None = None) -> dict[str, int]:
-    """Write the fused form of graph ``source`` to ``target`` (each with one ``.data`` file beside it).
+def fuse_for_onnxruntime(model, required: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Rewrite the traced ``onnx_ir`` model in place (before it is saved: the weights stay the tensors the
+    tracer holds, so a fused export writes its graph once instead of writing, re-reading and rewriting it).
 
     ``required`` names the fused ops the result must contain (default :data:`REQUIRED`, the main graph's).
-    Returns how often each rewrite applied. ``source`` is read memory-mapped, so the weights are not held in RAM
-    twice; the caller deletes it afterwards.
+    Returns how often each rewrite applied.
     """
-    import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    model, counts = optimize_for_ort(ir.load(str(source)))
+    fused, counts = optimize_for_ort(model)
+    if fused is not model:
+        raise FusionError("onnxscript's optimize_for_ort returned a new model instead of rewriting in place")
     ops = {node.op_type for node in model.graph}
     missing = [name for name in (required or REQUIRED) if not any(name in op for op in ops)]
     if missing:
         raise FusionError(f"onnxscript's onnxruntime fusions produced no {missing} for this graph; "
                           "export it with fusion 'none' instead")
-    ir.save(model, str(target), external_data=target.name + ".data")
     return {name: n for name, n in counts.items() if n}
