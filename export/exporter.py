@@ -120,34 +120,13 @@ def export(
     with staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
-        with stages.stage("tracing to ONNX (dynamo)"):
-            program = _trace(SamplerGraph(model, device).eval(), cfg, opset, device)
-        fusions = quantized = None
-        if fusion == "ort":
-            with stages.stage("fusing attention and RMSNorm for onnxruntime"):
-                fusions = fuse_for_onnxruntime(program.model)
-        with stages.stage("saving graph"):
-            graph = tmp / (TRACED_FILE if quantize else GRAPH_FILE)
-            program.save(str(graph), external_data=True)
-            del program
-        if quantize:
-            with stages.stage(f"quantizing weights ({quantization.variant})"):
-                quantized = quantize_graph(graph, tmp / GRAPH_FILE, quantization, cfg.embedding_size)
-                _remove_graph(graph)
+        fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), cfg, opset, device),
+                                          tmp / GRAPH_FILE, "the graph", fusion=fusion, required=None,
+                                          quantization=quantization, embedding_size=cfg.embedding_size, stages=stages)
         if cache:
-            with stages.stage("tracing the KV-cache graph"):
-                program = _trace_cache(CachedSamplerGraph(model, device).eval(), cfg, opset, device)
-            if fusion == "ort":
-                with stages.stage("fusing the KV-cache graph for onnxruntime"):
-                    fuse_for_onnxruntime(program.model, required=CACHE_REQUIRED)
-            with stages.stage("saving the KV-cache graph"):
-                graph = tmp / (TRACED_FILE if quantize else CACHE_FILE)
-                program.save(str(graph), external_data=True)
-                del program
-            if quantize:
-                with stages.stage(f"quantizing the KV-cache graph ({quantization.variant})"):
-                    quantize_graph(graph, tmp / CACHE_FILE, quantization, cfg.embedding_size)
-                    _remove_graph(graph)
+            _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), cfg, opset, device),
+                         tmp / CACHE_FILE, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
+                         quantization=quantization, embedding_size=cfg.embedding_size, stages=stages)
             share_weights(tmp / GRAPH_FILE, tmp / CACHE_FILE)
         with stages.stage("writing manifest and tokenizer files"):
             _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset, fusion=fusion, fusions=fusions,
@@ -229,6 +208,30 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
                           f"{free / 1e9:.2f} GB is free")
     out.parent.mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple[str, ...] | None,
+                 quantization: Quantization, embedding_size: int, stages: _Progress):
+    """Trace -> fuse (in memory) -> save -> quantize: one graph at ``target``; returns (fusions, quantized ops).
+
+    A graph to be quantized is saved as :data:`TRACED_FILE` first and deleted once the quantizer has written its own.
+    """
+    with stages.stage(f"tracing {what} (dynamo)"):
+        program = trace()
+    fusions = quantized = None
+    if fusion == "ort":
+        with stages.stage(f"fusing {what} for onnxruntime"):
+            fusions = fuse_for_onnxruntime(program.model, required)
+    quantize = quantization.method != "none"
+    saved = target.with_name(TRACED_FILE) if quantize else target
+    with stages.stage(f"saving {what}"):
+        program.save(str(saved), external_data=True)
+        del program
+    if quantize:
+        with stages.stage(f"quantizing {what} ({quantization.variant})"):
+            quantized = quantize_graph(saved, target, quantization, embedding_size)
+            _remove_graph(saved)
+    return fusions, quantized
 
 
 def _trace_cache(graph: CachedSamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
