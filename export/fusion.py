@@ -16,7 +16,7 @@ FUSIONS = ("none", "ort")
 REQUIRED = ("MultiHeadAttention", "SimplifiedLayerNormalization")
 # The KV-cache graph's attention (past and fresh keys scored apart, see LLaDABlock) is no MultiHeadAttention
 # pattern, and stays in standard ops: measured on the CPU, onnxruntime's MultiHeadAttention with a past was slower
-# for a 32-token block (213 against 179 us a layer, default model). Its RMSNorms and rotary embeddings are fused.
+# for a 32-token block (213 against 179 us a layer, default model). Its RMSNorms are fused.
 CACHE_REQUIRED = ("SimplifiedLayerNormalization",)
 
 
