@@ -2,9 +2,9 @@
 
 A *refresh* feeds the whole canvas (against an empty past) and returns, besides the window's predictions, every
 layer's post-RoPE keys and values: the cache. A *cached step* feeds only the current block (``dual`` cache) or the
-block and everything after it (``prefix`` cache) and attends to the cache for all other positions. The cache is approximate: it is as
-old as the last refresh. On CUDA it never leaves the device (IOBinding, OrtValues passed from one call to the
-next); on the CPU the arrays onnxruntime returns are fed back as they are, without copies.
+block and everything after it (``prefix`` cache) and attends to the cache for all other positions. The cache is
+approximate: it is as old as the last refresh. On CUDA it never leaves the device (IOBinding, OrtValues passed
+from one call to the next); on the CPU the arrays onnxruntime returns are fed back as they are, without copies.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class KVCacheSession:
             raise NotAnExportError(f"{manifest.directory / manifest.cache_graph} is a KV-cache graph of an older "
                                    "llada-onnx (one stacked past tensor); re-export with `llada-onnx export --cache`")
         self._present = [name.replace("past_", "present_", 1) for name in self._past]
-        self._past_dtype = np.float16 if inputs[4].type == "tensor(float16)" else np.float32
+        past_type = next(i.type for i in inputs if i.name == self._past[0])
+        self._past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else None
         self._device_id = device_id
         self._empty: dict[int, Any] = {}
