@@ -110,32 +110,24 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
 
 def validate_cache_graph(export_dir, model: LLaDAModel, *, dtype: str, device: str = "cpu",
                          quantized: bool = False) -> dict:
-    """Check ``cache.onnx``: a refresh (whole canvas) and a cached step on the block it left must both give
-    torch's logits for the block (fp32: within 1e-4 of the logit scale; fp16: within 5%; quantized: recorded,
-    and finite)."""
-    import onnxruntime as ort
+    """Check ``cache.onnx`` through the runtime's own cache session: a refresh (whole canvas) and a cached step on
+    the block it left must both give torch's logits for the block (fp32: within 1e-4 of the logit scale; fp16:
+    within 5%; quantized: recorded, and finite)."""
+    from ..runtime.kv_cache import KVCacheSession
 
-    manifest = Manifest.load(export_dir)
-    session = ort.InferenceSession(str(manifest.directory / manifest.cache_graph), providers=[PROVIDERS[device]])
-    every, tail = validation_inputs(manifest.vocab_size, manifest.max_sequence_length)
+    cache = KVCacheSession(Manifest.load(export_dir), device)
+    every, tail = validation_inputs(cache.manifest.vocab_size, cache.manifest.max_sequence_length)
     ids, mask, block = every["input_ids"], every["attention_mask"], tail["positions"]
-    cfg = model.config
-    empty = np.zeros((ids.shape[0], cfg.n_kv_heads, 0, cfg.head_dim),
-                     dtype=np.float16 if dtype == "fp16" else np.float32)
-    pasts = [i.name for i in session.get_inputs()][4:]
-    head = np.broadcast_to(np.arange(block.shape[1], dtype=np.int64), block.shape).copy()
-    refresh = session.run(None, {"input_ids": ids, "attention_mask": mask, "positions": every["positions"],
-                                 "head_index": block, **{name: empty for name in pasts}})
-    step = session.run(None, {"input_ids": np.take_along_axis(ids, block, 1), "attention_mask": mask,
-                              "positions": block, "head_index": head, **dict(zip(pasts, refresh[3:]))})
+    refresh, kv = cache.refresh(ids, mask, block, logits=True)
+    step = cache.step(ids, mask, int(block[0, 0]), ids.shape[1], block, kv, logits=True)  # the tail, contiguous
     reference = model.float() if dtype != "fp32" else model
     with torch.no_grad():
         t = [torch.from_numpy(a).to(next(reference.parameters()).device) for a in (ids, mask, block)]
         ref = reference(*t, always_mask=True).float().cpu().numpy()
     scale = max(1.0, float(ref.std()))
     tolerance = (FP32_RELATIVE_TOLERANCE if dtype == "fp32" else FP16_MAX_RELATIVE_ERROR) * scale
-    report = {"refresh_max_abs_diff": float(np.abs(refresh[0].astype(np.float32) - ref).max()),
-              "step_max_abs_diff": float(np.abs(step[0].astype(np.float32) - ref).max()),
+    report = {"refresh_max_abs_diff": float(np.abs(refresh.logits - ref).max()),
+              "step_max_abs_diff": float(np.abs(step.logits - ref).max()),
               "tolerance": None if quantized else tolerance}
     worst = max(report["refresh_max_abs_diff"], report["step_max_abs_diff"])
     if not np.isfinite(worst) or (worst > tolerance and not quantized):
