@@ -119,7 +119,7 @@ def export(
                        + cache * (2 + validate))
     with staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
-            model = load_model(ckpt, dtype=DTYPES[dtype], device=device)
+            model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
         fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), cfg, opset, device),
                                           tmp / GRAPH_FILE, "the graph", fusion=fusion, required=None,
                                           quantization=quantization, embedding_size=cfg.embedding_size, stages=stages)

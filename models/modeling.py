@@ -18,7 +18,13 @@ from .config import LLaDAConfig
 
 
 class RMSNorm(nn.Module):
-    """Official RMSLayerNorm: normalise in float32, cast back to the input dtype, then multiply by the weight."""
+    """Official RMSLayerNorm: normalise in float32, cast back to the input dtype, then multiply by the weight.
+
+    Traced for export it divides by the square root instead of multiplying by ``rsqrt``: that is the pattern
+    onnxruntime's own optimizer fuses, when it loads the graph, into one ``SimplifiedLayerNormalization`` kernel on
+    the providers that have it (CPU, CUDA), while the file keeps standard ONNX ops for the others. The two forms
+    differ by rounding only (one ulp of the normalised value); eager torch keeps the official form.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -28,34 +34,43 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if torch.compiler.is_exporting():
+            h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
 
 def rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[length, head_dim]`` in float32, half-rotation layout ``cat(freqs, freqs)``."""
+    """cos and signed sin tables ``[length, head_dim]`` in float32 (see :func:`rotary_at`)."""
     return rotary_at(torch.arange(length, device=device), head_dim, theta)
 
 
 def rotary_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[*positions.shape, head_dim]`` at the given positions only (the same float32 products as the
-    whole table, so a cached step rotates exactly as the full forward does)."""
+    """cos and signed sin ``[*positions.shape, head_dim]`` at the given positions, half-rotation layout.
+
+    The angles are ``cat(freqs, freqs)`` as upstream; the sin table carries the sign of ``rotate_half``
+    (``cat(-sin, sin)``), so :func:`apply_rotary` swaps the halves without negating one of them per layer:
+    ``(-a) * s == a * (-s)`` exactly. The products are the same float32 ones at any position, so a cached step
+    rotates exactly as the full forward does.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool) -> torch.Tensor:
-    """``t * cos + rotate_half(t) * sin`` on ``[B, H, L, hd]``; in float32 when the config asks (official)."""
+    """``t * cos + rotate_half(t) * sin`` over the last axis (head_dim), with ``sin`` signed as
+    :func:`rotary_at` makes it; in float32 when the config asks (official)."""
     dtype = t.dtype
     if full_precision:
         t = t.float()
     else:
         cos, sin = cos.to(dtype), sin.to(dtype)
     half = t.shape[-1] // 2
-    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
-    return (t * cos + rotated * sin).to(dtype)
+    swapped = torch.cat((t[..., half:], t[..., :half]), dim=-1)
+    return (t * cos + swapped * sin).to(dtype)
 
 
 class LLaDABlock(nn.Module):
@@ -75,6 +90,7 @@ class LLaDABlock(nn.Module):
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        self.fused = False  # see fuse_projections
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -85,11 +101,7 @@ class LLaDABlock(nn.Module):
         """
         b, length, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin, self.rope_full_precision)
-        k = apply_rotary(k, cos, sin, self.rope_full_precision)
+        q, k, v = self._project_qkv(h, cos, sin)
         if past is None:
             keys, values = k, v
             if self.n_kv_heads != self.n_heads:
@@ -101,7 +113,49 @@ class LLaDABlock(nn.Module):
             att = self._attend_with_past(q, k, v, *past, bias)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, length, -1))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), (k, v)
+        if self.fused:
+            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.ff_proj(h), self.up_proj(h)
+        return x + self.ff_out(F.silu(gate) * up), (k, v)
+
+    def fuse_projections(self) -> None:
+        """Join the q/k/v projections into one matrix, and the gate/up ones into another (in place).
+
+        The exporter does this before tracing: a cached step runs a single block of tokens, where every kernel
+        launch counts, and one larger matmul replaces three (two). Each output column is the same dot product.
+        The weights become real tensors of the graph (quantizable, shared between graphs), not a concatenation
+        computed when a session loads. Parameter names then leave the official layout: export only.
+        """
+        def joined(*linears: nn.Linear) -> nn.Linear:
+            first = linears[0].weight
+            out = nn.Linear(first.shape[1], sum(lin.weight.shape[0] for lin in linears), bias=False,
+                            device=first.device, dtype=first.dtype)
+            out.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
+            return out
+
+        with torch.no_grad():
+            self.qkv_proj = joined(self.q_proj, self.k_proj, self.v_proj)
+            self.gate_up_proj = joined(self.ff_proj, self.up_proj)
+        del self.q_proj, self.k_proj, self.v_proj, self.ff_proj, self.up_proj
+        self.fused = True
+
+    def _project_qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, post-RoPE keys and values ``[B, heads, n, head_dim]``.
+
+        Queries and keys are rotated together, before the heads are moved forward: one rotation per layer
+        instead of two (fewer kernels in a cached step).
+        """
+        b, n, _ = h.shape
+        hq, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.fused:
+            qkv = self.qkv_proj(h)
+        else:
+            qkv = torch.cat([self.q_proj(h), self.k_proj(h), self.v_proj(h)], dim=-1)
+        qkv = qkv.view(b, n, hq + 2 * hkv, hd)
+        qk = apply_rotary(qkv[:, :, :hq + hkv], cos, sin, self.rope_full_precision)
+        q, k = qk.transpose(1, 2).split([hq, hkv], dim=1)
+        return q, k, qkv[:, :, hq + hkv:].transpose(1, 2)
 
     def _attend_with_past(self, q, k, v, past_k, past_v, bias):
         """Softmax attention over ``past + fresh`` keys without concatenating them.
@@ -161,6 +215,7 @@ class LLaDAModel(nn.Module):
         t = self.model.transformer
         x = t.wte(input_ids)
         cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
+        cos, sin = cos[:, None], sin[:, None]  # [L, 1, head_dim]: over [B, L, heads, head_dim]
         bias = None
         if attention_mask is not None and (always_mask or not bool((attention_mask != 0).all())):
             keep = (attention_mask != 0)[:, None, None, :]
@@ -186,7 +241,7 @@ class LLaDAModel(nn.Module):
         t = self.model.transformer
         x = t.wte(input_ids)
         cos, sin = rotary_at(positions, self.config.head_dim, self.config.rope_theta)
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, head_dim]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, n, 1, head_dim]
         keep = attention_mask != 0
         cached = past[0][0].shape[2]
         keep = torch.cat([keep.scatter(1, positions, False)[:, :cached], torch.gather(keep, 1, positions)], dim=1)
@@ -197,6 +252,12 @@ class LLaDAModel(nn.Module):
             x, present = block(x, cos, sin, bias, layer_past)
             presents.append(present)
         return t.ln_f(x), presents
+
+    def fuse_projections(self) -> "LLaDAModel":
+        """Every block's :meth:`LLaDABlock.fuse_projections` (for export); returns the model."""
+        for block in self.model.transformer.blocks:
+            block.fuse_projections()
+        return self
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         t = self.model.transformer

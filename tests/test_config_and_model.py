@@ -1,5 +1,6 @@
 """The torch model: config reading, the LLADA.md facts, masking, GQA/tied variants, loading and its errors."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -204,3 +205,14 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path, tiny_ckpt):
     ck = _edit_tensors(tiny_ckpt, tmp_path / "c", lambda t: t.__setitem__(name, torch.zeros(3, 3)))
     with pytest.raises(CheckpointError, match=r"q_proj.*\[3, 3\].*\[64, 64\]"):
         LLaDAModel.from_pretrained(ck)
+
+
+def test_fused_projections_compute_the_same_model():
+    """The exporter joins q/k/v and gate/up into one matrix each: the same function, other parameter names."""
+    model = make_tiny_model(n_heads=4, n_kv_heads=2)
+    ids = torch.randint(0, 100, (2, 7))
+    want = model(ids)
+    fused = copy.deepcopy(model).fuse_projections()
+    block = fused.model.transformer.blocks[0]
+    assert block.fused and not hasattr(block, "q_proj") and block.qkv_proj.weight.shape == (64 + 2 * 32, 64)
+    torch.testing.assert_close(fused(ids), want, rtol=1e-5, atol=1e-5)

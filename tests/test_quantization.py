@@ -16,7 +16,7 @@ from llada_onnx.runtime.manifest import MANIFEST_FILE, Manifest
 
 from conftest import prompts
 
-LINEARS_PER_LAYER = 7  # q, k, v, attn_out, ff_proj, up, ff_out
+LINEARS_PER_LAYER = 4  # q|k|v, attn_out, ff_proj|up, ff_out (the exporter joins projections)
 KW = dict(steps=16, gen_length=16, block_length=8)
 
 
@@ -58,7 +58,7 @@ def test_int4_quantizes_linears_head_and_embeddings(int4_onnx, tiny_onnx, tiny_m
     counts = ops(int4_onnx / "model.onnx")
     assert counts["MatMulNBits"] == LINEARS_PER_LAYER * n_layers + 1 and counts["GatherBlockQuantized"] == 1
     raw = json.loads((int4_onnx / MANIFEST_FILE).read_text())
-    assert raw["variant"] == "int4-b32" and raw["quantized_ops"] == {"MatMulNBits": 15, "GatherBlockQuantized": 1}
+    assert raw["variant"] == "int4-b32" and raw["quantized_ops"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}
     assert raw["quantization"] == {"method": "int4", "block_size": 32, "accuracy_level": 0, "keep_head": False}
     assert data_bytes(int4_onnx) < 0.2 * data_bytes(tiny_onnx)
     # the KV-cache graph is quantized the same way and reads the main graph's quantized weights: no data of its own
@@ -79,9 +79,9 @@ def test_keep_head_and_block_size(tmp_path, tiny_onnx):
     source = tiny_onnx / "model.onnx"
     vocab = Manifest.load(tiny_onnx).vocab_size
     kept = quantize_graph(source, tmp_path / "kept.onnx", Quantization("int4", keep_head=True), vocab)
-    assert kept == {"MatMulNBits": 14}  # the linear layers only: head and embedding table stay fp32
+    assert kept == {"MatMulNBits": LINEARS_PER_LAYER * 2}  # the linear layers only: head and embedding table stay fp32
     int8_kept = quantize_graph(source, tmp_path / "int8.onnx", Quantization("int8", keep_head=True), vocab)
-    assert int8_kept == {"MatMulInteger": 14}
+    assert int8_kept == {"MatMulInteger": LINEARS_PER_LAYER * 2}
     quantize_graph(source, tmp_path / "b16.onnx", Quantization("int4", block_size=16, accuracy_level=4), vocab)
     nodes = [n for n in onnx.load(str(tmp_path / "b16.onnx"), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]
