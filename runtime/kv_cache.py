@@ -4,17 +4,21 @@ A *refresh* feeds the whole canvas (against an empty past) and returns, besides 
 layer's post-RoPE keys and values: the cache. A *cached step* feeds only the current block (``dual`` cache) or the
 block and everything after it (``prefix`` cache) and attends to the cache for all other positions. The cache is
 approximate: it is as old as the last refresh. On CUDA it never leaves the device (IOBinding, OrtValues passed
-from one call to the next); on the CPU the arrays onnxruntime returns are fed back as they are, without copies.
+from one call to the next) and cached steps are replayed as CUDA graphs (:mod:`.captured_steps`); on the CPU the
+arrays onnxruntime returns are fed back as they are, without copies.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
+from .captured_steps import UNCAPTURED, CapturedSteps, PinnedCache
 from .manifest import Manifest, NotAnExportError
 from .session import StepOutput, open_session, run_step
 
@@ -22,16 +26,30 @@ Cache = list[Any]  # per layer keys then values [B, n_kv_heads, L, head_dim]: nu
 
 
 class KVCacheSession:
+    """``cuda_graphs``: on the CUDA provider, replay cached steps as CUDA graphs (default); ignored elsewhere."""
+
     def __init__(self, manifest: Manifest, provider: _providers.ProviderSpec = "cpu", *, device_id: int = 0,
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, cuda_graphs: bool = True):
         if not manifest.cache_graph:
             raise ValueError(f"{manifest.directory} has no KV-cache graph: re-export with `llada-onnx export "
                              "--cache` to use cache='prefix' or 'dual'")
         self.manifest = manifest
-        self.session, self.provider = open_session(manifest.directory / manifest.cache_graph, provider,
-                                                   device_id=device_id, threads=threads,
-                                                   session_options=session_options, allow_fallback=allow_fallback)
+        path, chosen = manifest.directory / manifest.cache_graph, _providers.resolve(provider, device_id)
+        graphs = cuda_graphs and chosen[0][0] == "CUDAExecutionProvider"
+        kwargs = dict(device_id=device_id, threads=threads, session_options=session_options,
+                      allow_fallback=allow_fallback)
+        try:
+            self.session, self.provider = open_session(
+                path, [(chosen[0][0], dict(chosen[0][1], enable_cuda_graph="1")), *chosen[1:]] if graphs else chosen,
+                **kwargs)
+        except NotAnExportError as e:
+            if not graphs or "graph" not in str(e).lower():
+                raise
+            # onnxruntime refuses CUDA graphs when a node of the graph runs outside the CUDA provider.
+            warnings.warn(f"CUDA graphs are off for {path}: {e}", RuntimeWarning, stacklevel=2)
+            graphs = False
+            self.session, self.provider = open_session(path, chosen, **kwargs)
         inputs = self.session.get_inputs()
         self._past = [i.name for i in inputs if i.name.startswith("past_")]
         if self._past != [f"past_{kind}_{i}" for i in range(len(self._past) // 2) for kind in ("keys", "values")]:
@@ -43,16 +61,25 @@ class KVCacheSession:
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else None
         self._device_id = device_id
         self._empty: dict[int, Any] = {}
+        m = manifest.raw["model"]
+        self._dims = (m["n_kv_heads"], m["d_model"] // m["n_heads"])
+        self._captured = None
+        if graphs and self._device:  # not when onnxruntime fell back to the CPU (allow_fallback)
+            self._captured = CapturedSteps(self.session, device_id, self._past, self._present, self._dims,
+                                           self._past_dtype, manifest.vocab_size)
 
     def refresh(self, canvas: np.ndarray, attention_mask: np.ndarray, window: np.ndarray,
                 *, logits: bool) -> tuple[StepOutput, Cache]:
         """Predictions for ``window`` (canvas positions ``[B, c]``) from the whole canvas, and a fresh cache."""
         batch, length = canvas.shape
         if batch not in self._empty:  # a refresh attends to no past: every layer gets an empty one
-            m = self.manifest.raw["model"]
-            empty = np.zeros((batch, m["n_kv_heads"], 0, m["d_model"] // m["n_heads"]), dtype=self._past_dtype)
+            empty = np.zeros((batch, self._dims[0], 0, self._dims[1]), dtype=self._past_dtype)
             self._empty = {batch: self._on_device(empty) if self._device else empty}
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+        pinned = self._captured.pinned_cache(batch, length) if self._captured else None
+        if pinned is not None:
+            feeds = self._feeds(canvas, attention_mask, positions, window)
+            return self._captured.refresh(feeds, self._empty[batch], pinned, logits), pinned
         return self._run(canvas, attention_mask, positions, window, [self._empty[batch]] * len(self._past),
                          logits, self._present)
 
@@ -61,16 +88,23 @@ class KVCacheSession:
         """Predictions for ``window`` from the tokens at ``[fed_start, fed_end)`` against ``cache``."""
         batch = canvas.shape[0]
         positions = np.broadcast_to(np.arange(fed_start, fed_end, dtype=np.int64), (batch, fed_end - fed_start))
-        out, _ = self._run(np.ascontiguousarray(canvas[:, fed_start:fed_end]), attention_mask, positions,
-                           window - fed_start, cache, logits, ())
+        ids = np.ascontiguousarray(canvas[:, fed_start:fed_end])
+        if isinstance(cache, PinnedCache):
+            return self._captured.step(self._feeds(ids, attention_mask, positions, window - fed_start), cache, logits)
+        out, _ = self._run(ids, attention_mask, positions, window - fed_start, cache, logits, ())
         return out
 
     def _on_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
 
+    @staticmethod
+    def _feeds(ids, mask, positions, head_index) -> dict[str, np.ndarray]:
+        return {"input_ids": ids, "attention_mask": mask, "positions": np.ascontiguousarray(positions),
+                "head_index": np.ascontiguousarray(head_index, dtype=np.int64)}
+
     def _run(self, ids, mask, positions, head_index, past: Cache, logits: bool,
              presents: list[str] | tuple[()]) -> tuple[StepOutput, Cache]:
-        feeds = {"input_ids": ids, "attention_mask": mask, "positions": np.ascontiguousarray(positions),
-                 "head_index": np.ascontiguousarray(head_index, dtype=np.int64)}
-        return run_step(self.session, feeds, logits=logits, cuda_device=self._device_id if self._device else None,
-                        kept_inputs=dict(zip(self._past, past)), kept_outputs=tuple(presents))
+        return run_step(self.session, self._feeds(ids, mask, positions, head_index), logits=logits,
+                        cuda_device=self._device_id if self._device else None,
+                        kept_inputs=dict(zip(self._past, past)), kept_outputs=tuple(presents),
+                        run_options=UNCAPTURED if self._captured else None)

@@ -23,30 +23,32 @@ from .text import Prompts, TextCodec
 class Pipeline:
     """One onnxruntime session and one tokenizer for an exported LLaDA model; build once, generate many times."""
 
-    def __init__(self, graph: GraphSession, **session_kwargs: Any):
+    def __init__(self, graph: GraphSession, *, cuda_graphs: bool = True, **session_kwargs: Any):
         self.graph = graph
         self.manifest = graph.manifest
         self._session_kwargs = session_kwargs  # for the KV-cache graph, opened on first use
+        self._cuda_graphs = cuda_graphs
 
     @classmethod
     def from_pretrained(cls, onnx_dir: str | Path | None = None, provider: ProviderSpec = "cpu", *,
                         device_id: int = 0, threads: int | None = None,
                         session_options: ort.SessionOptions | None = None,
-                        allow_fallback: bool = False) -> "Pipeline":
+                        allow_fallback: bool = False, cuda_graphs: bool = True) -> "Pipeline":
         """Load an export directory made by ``llada-onnx export``; without one, the embedded default model.
 
         ``provider``: ``"cpu"``, ``"cuda"``, ``"dml"`` or an onnxruntime provider list. A provider this
         onnxruntime build lacks is an error unless ``allow_fallback`` (then a warning, and the CPU runs it).
+        ``cuda_graphs``: on CUDA, replay KV-cached steps as CUDA graphs (see :mod:`.captured_steps`).
         """
         manifest = Manifest.load(default_onnx_dir() if onnx_dir is None else onnx_dir)
         kwargs = dict(device_id=device_id, threads=threads, session_options=session_options,
                       allow_fallback=allow_fallback)
-        return cls(GraphSession(manifest, provider, **kwargs), provider=provider, **kwargs)
+        return cls(GraphSession(manifest, provider, **kwargs), provider=provider, cuda_graphs=cuda_graphs, **kwargs)
 
     @cached_property
     def kv_cache(self) -> KVCacheSession:
         """The export's KV-cache graph (``--cache`` exports), opened on first use with the same provider."""
-        return KVCacheSession(self.manifest, **self._session_kwargs)
+        return KVCacheSession(self.manifest, cuda_graphs=self._cuda_graphs, **self._session_kwargs)
 
     @cached_property
     def codec(self) -> TextCodec:

@@ -68,7 +68,8 @@ class GraphSession:
 
 def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, logits: bool, cuda_device: int | None,
              names: dict[str, str] | None = None, kept_inputs: dict[str, Any] | None = None,
-             kept_outputs: tuple[str, ...] = ()) -> tuple[StepOutput, list[Any]]:
+             kept_outputs: tuple[str, ...] = (), run_options: ort.RunOptions | None = None
+             ) -> tuple[StepOutput, list[Any]]:
     """One call of a sampler graph; returns its summaries and the ``kept_outputs``.
 
     ``names`` maps logits/top_ids/top_prob to the graph's names. On CUDA (``cuda_device``) the call goes through
@@ -80,7 +81,7 @@ def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, log
     kept_inputs = kept_inputs or {}
     if cuda_device is None:
         wanted = [names["top_ids"], names["top_prob"], *kept_outputs] + ([names["logits"]] if logits else [])
-        outs = session.run(wanted, {**feeds, **kept_inputs})
+        outs = session.run(wanted, {**feeds, **kept_inputs}, run_options)
         kept = outs[2:2 + len(kept_outputs)]
         full = outs[-1].astype(np.float32, copy=False) if logits else None
         return StepOutput(outs[0], outs[1], full), kept
@@ -96,7 +97,7 @@ def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, log
     for name in kept_outputs:
         binding.bind_output(name, "cuda", cuda_device)
     binding.bind_output(names["logits"], "cpu" if logits else "cuda", 0 if logits else cuda_device)
-    session.run_with_iobinding(binding)
+    session.run_with_iobinding(binding, run_options)
     outs = binding.get_outputs()  # in binding order
     full = outs[-1].numpy().astype(np.float32, copy=False) if logits else None
     return StepOutput(outs[0].numpy(), outs[1].numpy(), full), outs[2:2 + len(kept_outputs)]

@@ -103,3 +103,57 @@ def test_fp16_int4_export_on_cuda(tmp_path_factory, tiny_ckpt):
     for options in ({}, {"cache": "dual"}):
         out_ids = pipe.generate_ids(ids, mask, steps=16, gen_length=16, block_length=8, **options)
         assert (out_ids[:, ids.shape[1]:] != pipe.manifest.id("mask_token_id")).all()
+
+
+@pytest.fixture(scope="module")
+def graphed_and_plain(tiny_cache_onnx):
+    return (Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda"),
+            Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda", cuda_graphs=False))
+
+
+@pytest.mark.parametrize("options", [dict(cache="dual"), dict(cache="dual", threshold=0.7),
+                                     dict(cache="prefix", factor=1.0), dict(cache="dual", temperature=0.8, seed=2),
+                                     dict(cache="dual", refresh_every=3)], ids=str)
+def test_cuda_graph_steps_are_token_exact_with_uncaptured_steps(graphed_and_plain, options):
+    """Replayed CUDA graphs compute what ordinary runs compute, over shapes, head widths and refreshes."""
+    graphed, plain = graphed_and_plain
+    for batch, seed in ((1, 5), (3, 6)):
+        ids, mask = prompts(batch, seed=seed)
+        kw = dict(gen_length=16, block_length=8, steps=16, **options)
+        np.testing.assert_array_equal(graphed.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
+    captured = graphed.kv_cache._captured
+    assert captured is not None and captured.graphs and plain.kv_cache._captured is None
+
+
+def test_cuda_graph_step_outputs_match_an_uncaptured_step(graphed_and_plain):
+    from llada_onnx.runtime.captured_steps import PinnedCache
+
+    graphed, plain = graphed_and_plain
+    ids, mask = prompts(2, seed=8)
+    canvas = np.concatenate([ids, np.full((2, 8), graphed.manifest.id("mask_token_id"))], axis=1)
+    am = np.ones_like(canvas)
+    am[:, :ids.shape[1]] = mask
+    start = canvas.shape[1] - 8
+    _, kv = graphed.kv_cache.refresh(canvas, am, np.arange(start, start + 8)[None].repeat(2, 0), logits=False)
+    _, plain_kv = plain.kv_cache.refresh(canvas, am, np.arange(start, start + 8)[None].repeat(2, 0), logits=False)
+    assert isinstance(kv, PinnedCache)
+    for width in (8, 3, 8, 1, 5):  # the head's width changes from step to step; the captured graph's does not
+        window = np.arange(start, start + width)[None].repeat(2, 0)
+        a = graphed.kv_cache.step(canvas, am, start, start + 8, window, kv, logits=True)
+        b = plain.kv_cache.step(canvas, am, start, start + 8, window, plain_kv, logits=True)
+        assert a.top_ids.shape == (2, width)
+        np.testing.assert_array_equal(a.top_ids, b.top_ids)
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
+
+
+def test_cuda_graphs_beyond_the_pinned_shapes_run_uncaptured(tiny_cache_onnx, monkeypatch):
+    from llada_onnx.runtime import captured_steps
+
+    monkeypatch.setattr(captured_steps, "MAX_SHAPES", 1)
+    pipe = Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda")
+    plain = Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda", cuda_graphs=False)
+    for batch in (1, 2):  # two canvas shapes: the second is not pinned
+        ids, mask = prompts(batch, seed=9)
+        kw = dict(gen_length=16, block_length=8, steps=16, cache="dual")
+        np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
+    assert len(pipe.kv_cache._captured.caches) == 1

@@ -1,0 +1,132 @@
+"""Cached steps replayed as CUDA graphs (onnxruntime ``enable_cuda_graph``).
+
+A cached step runs one block of tokens through every layer: at LLaDA-8B's shape that is about 1,400 small
+kernels, and launching them one by one costs more than running them (an H100 spent 15.6 ms on a dual step whose
+captured replay took 9.2 ms). onnxruntime can capture a run into a CUDA graph and replay it, provided every
+input and output of the run stays at the same device address with the same shape. So, per canvas shape:
+
+- the cache lives in persistent device buffers, one per layer and kind, that each refresh writes into (a refresh
+  is not captured: it runs once per block);
+- a step's inputs are persistent buffers updated in place, and its head predicts all fed positions (the head
+  reads the same weights for 1 row or 32, so padding costs nothing measurable), of which the sampler's window is
+  returned;
+- each (batch, canvas length, fed length) gets its own graph id; onnxruntime captures on the first runs with that
+  id and replays afterwards.
+
+Captured shapes keep their buffers for the session's life (onnxruntime cannot release one graph), so at most
+:data:`MAX_SHAPES` canvas shapes are pinned; later shapes run uncaptured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .session import StepOutput
+
+MAX_SHAPES = 8
+UNCAPTURED = ort.RunOptions()  # an ordinary run of a session that has CUDA graphs enabled
+UNCAPTURED.add_run_config_entry("gpu_graph_id", "-1")
+
+
+class PinnedCache(list):
+    """The per-layer cache buffers of one canvas shape: refreshes write into them, captured steps read them.
+
+    So a refresh overwrites the cache that an earlier refresh of the same shape returned: one generation at a time
+    per session, as the sampler runs.
+    """
+
+    def __init__(self, values: list[Any], shape: tuple[int, int]):
+        super().__init__(values)
+        self.shape = shape  # (batch, canvas length)
+
+
+@dataclass
+class _Graph:
+    run_options: ort.RunOptions
+    binding: Any
+    inputs: dict[str, ort.OrtValue]
+    outputs: dict[str, ort.OrtValue] = field(default_factory=dict)
+
+
+class CapturedSteps:
+    """The pinned buffers and captured graphs of one ``enable_cuda_graph`` session."""
+
+    def __init__(self, session: ort.InferenceSession, device_id: int, past: list[str], present: list[str],
+                 dims: tuple[int, int], dtype, vocab_size: int):
+        self.session, self.device_id = session, device_id
+        self.past, self.present = past, present
+        self.n_kv, self.head_dim = dims
+        self.dtype, self.vocab_size = dtype, vocab_size  # the graph's float type: cache and logits
+        self.caches: dict[tuple[int, int], PinnedCache] = {}
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+
+    def _device(self, shape: tuple[int, ...], dtype) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
+
+    def pinned_cache(self, batch: int, length: int) -> PinnedCache | None:
+        """The buffers a refresh of a ``[batch, length]`` canvas writes into; None once MAX_SHAPES are pinned."""
+        key = (batch, length)
+        if key not in self.caches:
+            if len(self.caches) == MAX_SHAPES:
+                return None
+            shape = (batch, self.n_kv, length, self.head_dim)
+            self.caches[key] = PinnedCache([self._device(shape, self.dtype) for _ in self.past], key)
+        return self.caches[key]
+
+    def refresh(self, feeds: dict[str, np.ndarray], empty: ort.OrtValue, cache: PinnedCache,
+                logits: bool) -> StepOutput:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", self.device_id))
+        for name in self.past:
+            binding.bind_ortvalue_input(name, empty)
+        binding.bind_output("top_ids", "cpu")
+        binding.bind_output("top_prob", "cpu")
+        binding.bind_output("logits", "cpu" if logits else "cuda", 0 if logits else self.device_id)
+        for name, buffer in zip(self.present, cache):
+            binding.bind_ortvalue_output(name, buffer)
+        self.session.run_with_iobinding(binding, UNCAPTURED)
+        top_ids, top_prob, full = binding.get_outputs()[:3]
+        return StepOutput(top_ids.numpy(), top_prob.numpy(),
+                          full.numpy().astype(np.float32, copy=False) if logits else None)
+
+    def step(self, feeds: dict[str, np.ndarray], cache: PinnedCache, logits: bool) -> StepOutput:
+        """Replay (or, on a shape's first runs, capture) the step; ``feeds["head_index"]`` may be narrower than
+        the fed block: it is padded to the block's width and the outputs cut back."""
+        ids, head = feeds["input_ids"], feeds["head_index"]
+        batch, fed = ids.shape
+        count = head.shape[1]
+        feeds = dict(feeds, head_index=np.pad(head, ((0, 0), (0, fed - count)), mode="edge"))
+        key = (*cache.shape, fed)
+        graph = self.graphs.get(key) or self._capture(key, feeds, cache)
+        for name, value in feeds.items():
+            graph.inputs[name].update_inplace(np.ascontiguousarray(value))
+        self.session.run_with_iobinding(graph.binding, graph.run_options)
+        out = graph.outputs
+        full = out["logits"].numpy()[:, :count].astype(np.float32) if logits else None
+        return StepOutput(out["top_ids"].numpy()[:, :count], out["top_prob"].numpy()[:, :count], full)
+
+    def _capture(self, key: tuple[int, int, int], feeds: dict[str, np.ndarray], cache: PinnedCache) -> _Graph:
+        batch, _, fed = key
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(len(self.graphs) + 1))
+        graph = _Graph(run_options, self.session.io_binding(),
+                       {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", self.device_id)
+                        for name, value in feeds.items()})
+        graph.outputs = {"top_ids": self._device((batch, fed), np.int64),
+                         "top_prob": self._device((batch, fed), np.float32),
+                         "logits": self._device((batch, fed, self.vocab_size), self.dtype),
+                         **{name: self._device((batch, self.n_kv, fed, self.head_dim), self.dtype)
+                            for name in self.present}}
+        for name, value in graph.inputs.items():
+            graph.binding.bind_ortvalue_input(name, value)
+        for name, buffer in zip(self.past, cache):
+            graph.binding.bind_ortvalue_input(name, buffer)
+        for name, value in graph.outputs.items():
+            graph.binding.bind_ortvalue_output(name, value)
+        self.graphs[key] = graph
+        return graph
