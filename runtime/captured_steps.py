@@ -2,11 +2,12 @@
 
 A cached step runs one block of tokens through every layer: at LLaDA-8B's shape that is about 1,070 kernels,
 most of them small, and launching them one by one costs more than running them (on an H100 a dual step at canvas
-1088 took 10.8 ms run normally, 8.9 ms replayed). onnxruntime can capture a run into a CUDA graph and replay it, provided every
-input and output of the run stays at the same device address with the same shape. So, per canvas shape:
+1088 took 10.8 ms run normally, 8.9 ms replayed). onnxruntime can capture a run into a CUDA graph and replay it,
+provided every input and output of the run stays at the same device address with the same shape. So, per canvas
+shape:
 
 - the cache lives in persistent device buffers, one per layer and kind, that each refresh writes into (a refresh
-  is not captured: it runs once per block);
+  is an ordinary run, see ``KVCacheSession.refresh``: it runs once per block);
 - a step's inputs are persistent buffers updated in place, and its head predicts all fed positions (the head
   reads the same weights for 1 row or 32, so padding costs nothing measurable), of which the sampler's window is
   returned;
@@ -76,23 +77,6 @@ class CapturedSteps:
             shape = (batch, self.n_kv, length, self.head_dim)
             self.caches[key] = PinnedCache([self._device(shape, self.dtype) for _ in self.past], key)
         return self.caches[key]
-
-    def refresh(self, feeds: dict[str, np.ndarray], empty: ort.OrtValue, cache: PinnedCache,
-                logits: bool) -> StepOutput:
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", self.device_id))
-        for name in self.past:
-            binding.bind_ortvalue_input(name, empty)
-        binding.bind_output("top_ids", "cpu")
-        binding.bind_output("top_prob", "cpu")
-        binding.bind_output("logits", "cpu" if logits else "cuda", 0 if logits else self.device_id)
-        for name, buffer in zip(self.present, cache):
-            binding.bind_ortvalue_output(name, buffer)
-        self.session.run_with_iobinding(binding, UNCAPTURED)
-        top_ids, top_prob, full = binding.get_outputs()[:3]
-        return StepOutput(top_ids.numpy(), top_prob.numpy(),
-                          full.numpy().astype(np.float32, copy=False) if logits else None)
 
     def step(self, feeds: dict[str, np.ndarray], cache: PinnedCache, logits: bool) -> StepOutput:
         """Replay (or, on a shape's first runs, capture) the step; ``feeds["head_index"]`` may be narrower than

@@ -10,9 +10,8 @@ arrays onnxruntime returns are fed back as they are, without copies.
 
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -77,11 +76,9 @@ class KVCacheSession:
             self._empty = {batch: self._on_device(empty) if self._device else empty}
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
         pinned = self._captured.pinned_cache(batch, length) if self._captured else None
-        if pinned is not None:
-            feeds = self._feeds(canvas, attention_mask, positions, window)
-            return self._captured.refresh(feeds, self._empty[batch], pinned, logits), pinned
-        return self._run(canvas, attention_mask, positions, window, [self._empty[batch]] * len(self._past),
-                         logits, self._present)
+        out, cache = self._run(canvas, attention_mask, positions, window, [self._empty[batch]] * len(self._past),
+                               logits, self._present, into=pinned)
+        return out, cache if pinned is None else pinned
 
     def step(self, canvas: np.ndarray, attention_mask: np.ndarray, fed_start: int, fed_end: int,
              window: np.ndarray, cache: Cache, *, logits: bool) -> StepOutput:
@@ -103,8 +100,9 @@ class KVCacheSession:
                 "head_index": np.ascontiguousarray(head_index, dtype=np.int64)}
 
     def _run(self, ids, mask, positions, head_index, past: Cache, logits: bool,
-             presents: list[str] | tuple[()]) -> tuple[StepOutput, Cache]:
+             presents: list[str] | tuple[()], into: PinnedCache | None = None) -> tuple[StepOutput, Cache]:
+        """An uncaptured call (a refresh writes its cache ``into`` pinned buffers when given)."""
         return run_step(self.session, self._feeds(ids, mask, positions, head_index), logits=logits,
                         cuda_device=self._device_id if self._device else None,
-                        kept_inputs=dict(zip(self._past, past)), kept_outputs=tuple(presents),
+                        kept_inputs=dict(zip(self._past, past)), kept_outputs=tuple(presents), into=into,
                         run_options=UNCAPTURED if self._captured else None)

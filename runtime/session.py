@@ -68,14 +68,15 @@ class GraphSession:
 
 def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, logits: bool, cuda_device: int | None,
              names: dict[str, str] | None = None, kept_inputs: dict[str, Any] | None = None,
-             kept_outputs: tuple[str, ...] = (), run_options: ort.RunOptions | None = None
-             ) -> tuple[StepOutput, list[Any]]:
+             kept_outputs: tuple[str, ...] = (), into: list[Any] | None = None,
+             run_options: ort.RunOptions | None = None) -> tuple[StepOutput, list[Any]]:
     """One call of a sampler graph; returns its summaries and the ``kept_outputs``.
 
     ``names`` maps logits/top_ids/top_prob to the graph's names. On CUDA (``cuda_device``) the call goes through
     IOBinding: ``top_ids``/``top_prob`` come to the host, ``logits`` only when asked for, and ``kept_outputs``
-    stay on the device as OrtValues, which is also what ``kept_inputs`` (state fed back, e.g. a KV cache) must
-    be there. On the CPU both are numpy arrays, passed without copies.
+    stay on the device as OrtValues (written ``into`` the given device buffers, if any), which is also what
+    ``kept_inputs`` (state fed back, e.g. a KV cache) must be there. On the CPU both are numpy arrays, passed
+    without copies.
     """
     names = names or {"logits": "logits", "top_ids": "top_ids", "top_prob": "top_prob"}
     kept_inputs = kept_inputs or {}
@@ -94,8 +95,11 @@ def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, log
         binding.bind_ortvalue_input(name, value)
     binding.bind_output(names["top_ids"], "cpu")
     binding.bind_output(names["top_prob"], "cpu")
-    for name in kept_outputs:
-        binding.bind_output(name, "cuda", cuda_device)
+    for i, name in enumerate(kept_outputs):
+        if into is None:
+            binding.bind_output(name, "cuda", cuda_device)
+        else:
+            binding.bind_ortvalue_output(name, into[i])
     binding.bind_output(names["logits"], "cpu" if logits else "cuda", 0 if logits else cuda_device)
     session.run_with_iobinding(binding, run_options)
     outs = binding.get_outputs()  # in binding order
