@@ -15,7 +15,10 @@ shape:
   id and replays afterwards.
 
 Captured shapes keep their buffers for the session's life (onnxruntime cannot release one graph), so at most
-:data:`MAX_SHAPES` canvas shapes are pinned; later shapes run uncaptured.
+:data:`MAX_SHAPES` canvas shapes are pinned (later shapes run uncaptured), and only steps of at most
+:data:`MAX_CAPTURED_TOKENS` fed tokens are captured: a dual step feeds one block, while a prefix step feeds the
+rest of the canvas, a length that changes with every block and a step bound by its arithmetic, not by launches
+(at the 8B shape it costs more than a full forward).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import onnxruntime as ort
 from .session import StepOutput
 
 MAX_SHAPES = 8
+MAX_CAPTURED_TOKENS = 128
 UNCAPTURED = ort.RunOptions()  # an ordinary run of a session that has CUDA graphs enabled
 UNCAPTURED.add_run_config_entry("gpu_graph_id", "-1")
 
@@ -77,6 +81,11 @@ class CapturedSteps:
             shape = (batch, self.n_kv, length, self.head_dim)
             self.caches[key] = PinnedCache([self._device(shape, self.dtype) for _ in self.past], key)
         return self.caches[key]
+
+    @staticmethod
+    def captures(fed: int) -> bool:
+        """Whether a step feeding ``fed`` tokens is replayed as a graph (else it runs as an ordinary call)."""
+        return fed <= MAX_CAPTURED_TOKENS
 
     def step(self, feeds: dict[str, np.ndarray], cache: PinnedCache, logits: bool) -> StepOutput:
         """Replay (or, on a shape's first runs, capture) the step; ``feeds["head_index"]`` may be narrower than

@@ -86,7 +86,7 @@ class KVCacheSession:
         batch = canvas.shape[0]
         positions = np.broadcast_to(np.arange(fed_start, fed_end, dtype=np.int64), (batch, fed_end - fed_start))
         ids = np.ascontiguousarray(canvas[:, fed_start:fed_end])
-        if isinstance(cache, PinnedCache):
+        if isinstance(cache, PinnedCache) and self._captured.captures(fed_end - fed_start):
             return self._captured.step(self._feeds(ids, attention_mask, positions, window - fed_start), cache, logits)
         out, _ = self._run(ids, attention_mask, positions, window - fed_start, cache, logits, ())
         return out

@@ -150,10 +150,13 @@ def test_cuda_graphs_beyond_the_pinned_shapes_run_uncaptured(tiny_cache_onnx, mo
     from llada_onnx.runtime import captured_steps
 
     monkeypatch.setattr(captured_steps, "MAX_SHAPES", 1)
+    monkeypatch.setattr(captured_steps, "MAX_CAPTURED_TOKENS", 8)  # the dual steps' block, not longer prefix steps
     pipe = Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda")
     plain = Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda", cuda_graphs=False)
     for batch in (1, 2):  # two canvas shapes: the second is not pinned
         ids, mask = prompts(batch, seed=9)
-        kw = dict(gen_length=16, block_length=8, steps=16, cache="dual")
-        np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
-    assert len(pipe.kv_cache._captured.caches) == 1
+        for cache in ("dual", "prefix"):
+            kw = dict(gen_length=16, block_length=8, steps=16, cache=cache)
+            np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
+    captured = pipe.kv_cache._captured
+    assert len(captured.caches) == 1 and {fed for _, _, fed in captured.graphs} == {8}
