@@ -39,3 +39,18 @@ def test_quantization_bench_smoke(tmp_path):
     assert int4["size_mb"] < 0.3 * fp32["size_mb"] and int4["load_rss_mb"] > 0 and int4["step_ms"]["1"] > 0
     assert "| tiny | fp32-int4-b32 |" in (out / "report.md").read_text()
     assert (out / "quantization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_floor_smoke(tmp_path):
+    from bench.step_floor import main as step_floor_main
+
+    from llada_onnx.runtime import default_checkpoint_dir
+
+    out = tmp_path / "floor"
+    assert step_floor_main(["--config", str(default_checkpoint_dir() / "config.json"), "--device", "cpu",
+                            "--length", "128", "--reps", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "report.json").read_text())["result"]
+    assert result["length"] == 128 and result["n_layers"] == 6 and result["dtype"] == "float32"
+    assert all(result[key] > 0 for key in ("full_forward_ms", "step_products_ms", "dual_step_ms"))
+    assert "| step: matrix products only |" in (out / "report.md").read_text()
+    assert (out / "step_floor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
