@@ -6,10 +6,10 @@ Prompts are opening lines of the three plays held out of the default model's tra
 policy (exact; threshold 0.9 / 0.8 / 0.7; factor 1.0) and generation length (block 32, temperature 0, batch 1,
 early stop off so every policy produces the same number of tokens) it reports the median tokens/s over the
 prompts, the speed-up over exact decoding counting only the time inside model calls (the ceiling if the
-sampler's own work cost nothing), model calls per generated token, agreement with exact decoding (fraction of generated positions with
-the same token), and the masked-token loss that the model assigns to each continuation (mean cross-entropy of the
-generated tokens at masked positions, masking ratios t = 0.1 .. 0.9, fixed masks), in nats: a policy that
-damages the text raises it. Writes ``report.json``, ``report.md`` and ``speed_quality.png``.
+sampler's own work cost nothing), model calls per generated token, agreement with exact decoding (fraction of
+generated positions with the same token), and the masked-token loss that the model assigns to each continuation
+(mean cross-entropy of the generated tokens at masked positions, masking ratios t = 0.1 .. 0.9, fixed masks), in
+nats: a policy that damages the text raises it. Writes ``report.json``, ``report.md`` and ``speed_quality.png``.
 """
 
 from __future__ import annotations
