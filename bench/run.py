@@ -270,15 +270,10 @@ def runtime_alone_rss(onnx: Path, provider: str, gen: int, batch: int, prompt_le
 
 # ---------------------------------------------------------------------------------------------- output
 def machine() -> dict:
-    """What the figures were measured on; onnxruntime is absent where only torch runs (``bench.step_floor``)."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": None}
-    try:
-        import onnxruntime
+    import onnxruntime
 
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
     try:
         import torch
 

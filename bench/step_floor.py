@@ -16,6 +16,7 @@ a 64-token prompt, block 32; medians over ``--reps``):
 
 On CUDA every step variant is replayed as a CUDA graph, as the runtime replays its steps, so launch overhead is
 out of the comparison. Needs torch (the ``torch`` extra, or a CUDA build of torch on a GPU machine).
+The prompt and block are ``bench.cache_step``'s, whose runtime figures these compare with.
 """
 
 from __future__ import annotations
@@ -23,37 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from .cache_step import BLOCK, PROMPT, timed
 from .report import pyplot, save_report, table
 from .run import machine
-
-PROMPT, BLOCK = 64, 32
-
-
-def _timer(device: str, reps: int):
-    import torch
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
-
-    return timed
 
 
 def _graphed(fn, device: str):
@@ -116,15 +93,18 @@ def measure(config: dict, *, device: str, length: int, reps: int, compile_mode: 
             b.qkv_proj(x), b.attn_out(x), b.gate_up_proj(x), b.ff_out(x_mlp)
         return model.lm_head(x)
 
-    timed = _timer(device, reps)
-    row = {"full_forward_ms": timed(full), "step_products_ms": timed(_graphed(products, device)),
-           "dual_step_ms": timed(_graphed(step, device))}
+    def synced(fn):  # CUDA runs asynchronously: a call is timed up to its last kernel
+        return (lambda: (fn(), torch.cuda.synchronize())) if device == "cuda" else fn
+
+    row = {"full_forward_ms": timed(synced(full), reps),
+           "step_products_ms": timed(synced(_graphed(products, device)), reps),
+           "dual_step_ms": timed(synced(_graphed(step, device)), reps)}
     if compile_mode is not None:
         compiled = torch.compile(step, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
         start = time.perf_counter()
-        compiled()
+        synced(compiled)()
         row["compile_s"] = time.perf_counter() - start
-        row["dual_step_compiled_ms"] = timed(_graphed(compiled, device))
+        row["dual_step_compiled_ms"] = timed(synced(_graphed(compiled, device)), reps)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"model": dataclasses.asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
             "weight_bytes": weights, "dtype": str(dtype).removeprefix("torch."), "length": length, **row}
