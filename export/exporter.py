@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import INDEX_FILE, checkpoint_bytes, load_model, weight_files
+from ..models.checkpoint import INDEX_FILE, check_weight_files, checkpoint_bytes, load_model
 from ..models.config import LLaDAConfig
-from ..runtime.manifest import INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
-from .fusion import CACHE_REQUIRED, FUSIONS, fuse_for_onnxruntime
+from ..runtime.manifest import FUSIONS, INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
+from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
 from .graph import CachedSamplerGraph, SamplerGraph, cache_io_names
 from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
-from .staging import staged_directory
+from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 from .validate import ValidationError, validate_cache_graph, validate_export
 
 GRAPH_FILE = "model.onnx"
@@ -41,10 +41,6 @@ MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's floor; the newest opset o
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "generation_config.json")
-
-
-class ExportError(ValueError):
-    """The export cannot be done as asked; the message says what to change."""
 
 
 @dataclass
@@ -94,7 +90,7 @@ def export(
     output_dir: str | Path,
     *,
     dtype: str = "fp32",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     device: str = "cpu",
     force: bool = False,
     validate: bool = True,
@@ -111,13 +107,18 @@ def export(
     ``quantization`` (see :mod:`.quantize`) turns the weights into int8 or int4 after tracing (and fusing); the
     KV-cache graph gets the same quantization and still shares the main graph's (quantized) weights.
     """
-    ckpt, out = Path(checkpoint_dir), Path(output_dir)
-    cfg = _check_request(ckpt, out, dtype=dtype, opset=opset, device=device, force=force, validate=validate,
-                         fusion=fusion, cache=cache, quantization=quantization)
+    ckpt = Path(checkpoint_dir)
+    opset = DEFAULT_OPSET if opset is None else opset
+    say = _say if progress else _quiet
+    cfg = _check_request(ckpt, dtype=dtype, opset=opset, device=device, validate=validate, fusion=fusion,
+                         quantization=quantization)
+    out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)
+    need = _disk_needed(cfg, dtype, cache, quantization)
+    _check_disk(out, need)
     quantize = quantization.method != "none"
     stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
                        + cache * (2 + validate))
-    with staged_directory(out) as tmp:
+    with disk_full_is_reported(out, need), staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
         fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), cfg, opset, device),
@@ -156,18 +157,19 @@ def summary(result: ExportResult) -> str:
         v = result.validation
         tolerance = v.get("logits_tolerance")  # fp32 only: fp16 is judged by agreement (see validate.py)
         bound = f" (tolerance {tolerance:.3g})" if tolerance is not None else f" (logit scale {v['logit_scale']:.3g})"
+        decisive = v["top_ids_decisive_positions"]
+        on_decisive = (f"{v['top_ids_decisive_agreement']:.4%} of the {decisive} positions that are no near-tie"
+                       if decisive else "no position was decisive: every top-2 margin is within the measured error")
         lines.append(f"  validation ({v['provider']}, {v['dtype']} vs torch fp32): max |logits diff| "
                      f"{v['logits_max_abs_diff']:.3g}{bound}, top_ids agreement {v['top_ids_agreement']:.4%} "
-                     f"({v['top_ids_decisive_agreement']:.4%} of the {v['top_ids_decisive_positions']} positions that are no "
-                     f"near-tie), max |top_prob diff| "
-                     f"{v['top_prob_max_abs_diff']:.3g}")
+                     f"({on_decisive}), max |top_prob diff| {v['top_prob_max_abs_diff']:.3g}")
     lines.append(f"  time {sum(result.seconds.values()):.1f} s, peak RSS {result.peak_rss_mb:.0f} MB")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- steps
-def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str, force: bool,
-                   validate: bool, fusion: str, cache: bool, quantization: Quantization) -> LLaDAConfig:
+def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate: bool, fusion: str,
+                   quantization: Quantization) -> LLaDAConfig:
     if fusion not in FUSIONS:
         raise ExportError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
     if dtype not in DTYPES:
@@ -176,7 +178,7 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
         quantization.check(dtype)
     except QuantizationError as e:
         raise ExportError(str(e)) from None
-    if not MIN_OPSET <= int(opset) <= MAX_OPSET:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
                           f"(default {DEFAULT_OPSET}, the highest DirectML runs)")
     if device not in ("cpu", "cuda"):
@@ -188,26 +190,29 @@ def _check_request(ckpt: Path, out: Path, *, dtype: str, opset: int, device: str
             "an fp16 export is validated on the CUDA execution provider, and --device cpu cannot run it there "
             "(onnxruntime's CPU provider lacks fp16 kernels for parts of the graph): use --device cuda, or "
             "--no-validate to export without validation")
-    cfg = LLaDAConfig.from_pretrained(ckpt)  # raises for a missing/foreign/unsupported checkpoint
-    weight_files(ckpt)  # raises for missing weights
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    cfg = LLaDAConfig.from_pretrained(ckpt)  # raises for a missing/foreign/unsupported/damaged config
+    check_weight_files(ckpt)  # raises for missing or damaged weights
+    return cfg
+
+
+def _disk_needed(cfg: LLaDAConfig, dtype: str, cache: bool, quantization: Quantization) -> int:
+    """Bytes the export writes at its peak.
+
+    The quantizer writes its graph before the float one it reads is deleted (an int8 graph keeps its embedding
+    table in float: at most half the bytes; an int4 one is about a quarter at most). The KV-cache graph is saved
+    with its own copy of the weights (then quantized) before it is pointed at the main graph's.
+    """
     graph_bytes = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8
-    # The quantizer writes its graph before the float one it reads is deleted (an int8 graph keeps its embedding
-    # table in float: at most half the bytes; an int4 one is about a quarter at most). The KV-cache graph is saved
-    # with its own copy of the weights (then quantized) before it is pointed at the main graph's.
     quantized = {"none": 0, "int8": graph_bytes // 2, "int4": graph_bytes // 4}[quantization.method]
     with_cache = (graph_bytes + 2 * quantized if quantized else 2 * graph_bytes) if cache else 0
-    need = max(graph_bytes + quantized, with_cache) + (64 << 20)
-    free = shutil.disk_usage(existing).free
+    return max(graph_bytes + quantized, with_cache) + (64 << 20)
+
+
+def _check_disk(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out.parent).free
     if free < need:
-        raise ExportError(f"not enough disk space in {existing}: the export needs about {need / 1e9:.2f} GB, "
+        raise ExportError(f"not enough disk space in {out.parent}: the export needs about {need / 1e9:.2f} GB, "
                           f"{free / 1e9:.2f} GB is free")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return cfg
 
 
 def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple[str, ...] | None,
@@ -323,6 +328,14 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
 def _remove_graph(graph: Path) -> None:
     for path in (graph, graph.with_name(graph.name + ".data")):
         path.unlink()
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _quiet(line: str) -> None:
+    pass
 
 
 def _peak_rss_mb() -> float:

@@ -15,7 +15,8 @@ only, so :class:`DivRmsNormFusion` (its rule with that one pattern changed) runs
 
 from __future__ import annotations
 
-FUSIONS = ("none", "ort")
+from ..runtime.errors import LladaOnnxError
+
 # Ops a fused graph must contain: without them the rules did not match and the "fused" export would be a slow copy.
 REQUIRED = ("MultiHeadAttention", "SimplifiedLayerNormalization")
 # The KV-cache graph's attention (past and fresh keys scored apart, see LLaDABlock) is no MultiHeadAttention
@@ -43,7 +44,7 @@ def _div_rms_norm_rules():
                                    DivRmsNormFusion.rule("DivRmsNormFusion2", _mul_order=True)])
 
 
-class FusionError(RuntimeError):
+class FusionError(LladaOnnxError, RuntimeError):
     """The fusion rules did not match this graph (the message names what is missing)."""
 
 

@@ -32,12 +32,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
+
 METHODS = ("none", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0: the kernel's default; 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
 
 
-class QuantizationError(ValueError):
+class QuantizationError(ExportError):
     """The quantization cannot be done as asked; the message says what to change."""
 
 
@@ -176,20 +178,18 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
     Returns the validation report (or ``{}``)."""
     from ..runtime.manifest import MANIFEST_FILE, Manifest
     from .shared_weights import share_weights
-    from .staging import staged_directory
     from .validate import validate_against_float
 
-    source, out = Path(export_dir), Path(output_dir)
+    source = Path(export_dir)
     manifest = Manifest.load(source)
     if manifest.variant != "exact":
         raise QuantizationError(f"{source} is already quantized ({manifest.variant}); quantize a float export")
     quantization.check(manifest.dtype)
     if quantization.method == "none":
         raise QuantizationError("no quantization asked for: use int8 or int4")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise QuantizationError(f"output directory {out} is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_directory(out) as tmp:
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    out = prepare_output(output_dir, inputs=[source], force=force, say=say)
+    with disk_full_is_reported(out, None), staged_directory(out) as tmp:
         graphs = [manifest.graph] + ([manifest.cache_graph] if manifest.cache_graph else [])
         counts = {}
         for graph in graphs:

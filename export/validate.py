@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..models.modeling import LLaDAModel
+from ..runtime.errors import LladaOnnxError
 from ..runtime.manifest import Manifest
 
 FP32_RELATIVE_TOLERANCE = 1e-4
@@ -23,7 +24,7 @@ FP16_MAX_RELATIVE_ERROR = 0.05
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class ValidationError(RuntimeError):
+class ValidationError(LladaOnnxError, RuntimeError):
     """The exported graph disagrees with torch beyond tolerance (figures in the message)."""
 
 

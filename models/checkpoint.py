@@ -8,12 +8,15 @@ never opened: checkpoints come from the internet and unpickling runs arbitrary c
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
-from .config import LLaDAConfig
+from ..runtime import json_fields as fields
+from .config import CheckpointError, CheckpointNotFoundError, LLaDAConfig
 from .modeling import LLaDAModel
 
 SINGLE_FILE = "model.safetensors"
@@ -21,22 +24,20 @@ INDEX_FILE = "model.safetensors.index.json"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class CheckpointError(ValueError):
-    """The checkpoint's weights do not match its config (missing, unexpected or mis-shaped tensors)."""
-
-
 def weight_files(checkpoint_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the single file, or every shard named by the index."""
     index = checkpoint_dir / INDEX_FILE
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map") or {}
-        if not weight_map:
-            raise CheckpointError(f"{index} has no weight_map")
+        weight_map = fields.read_object(index, CheckpointError, "download the checkpoint's file again").get(
+            "weight_map")
+        if not weight_map or not isinstance(weight_map, dict) or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to file names; "
+                                  "download the checkpoint's file again")
         files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
         missing = [p.name for p in files if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{checkpoint_dir}: shard(s) named in {INDEX_FILE} are missing: {missing[:5]}")
+            raise CheckpointNotFoundError(f"{checkpoint_dir}: shard(s) named in {INDEX_FILE} are missing: {missing[:5]}")
         return files
     single = checkpoint_dir / SINGLE_FILE
     if single.is_file():
@@ -44,7 +45,32 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
     pickled = sorted(p.name for p in checkpoint_dir.glob("*.bin"))
     hint = (f" It has {pickled[:3]}: pickled weights are not loaded for safety; convert them to safetensors first."
             if pickled else "")
-    raise FileNotFoundError(f"{checkpoint_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}.{hint}")
+    raise CheckpointNotFoundError(f"{checkpoint_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}.{hint}")
+
+
+@contextlib.contextmanager
+def open_weights(file: Path) -> Iterator[Any]:
+    """``safe_open`` of one weight file; a damaged one (an interrupted download, most often) is a CheckpointError
+    naming it, raised before any tensor is read."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header or a short file
+        size = file.stat().st_size
+        raise CheckpointError(f"{file} is damaged or incomplete ({e}; {size:,} bytes): an interrupted download? "
+                              "Download it again") from None
+    with handle as f:
+        yield f
+
+
+def check_weight_files(checkpoint_dir: Path) -> list[Path]:
+    """:func:`weight_files`, each opened once so that a damaged file is reported before any work starts."""
+    files = weight_files(checkpoint_dir)
+    for file in files:
+        with open_weights(file):
+            pass
+    return files
 
 
 def checkpoint_bytes(checkpoint_dir: str | Path) -> int:
@@ -54,8 +80,6 @@ def checkpoint_bytes(checkpoint_dir: str | Path) -> int:
 
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LLaDAModel:
-    from safetensors import safe_open
-
     path = Path(checkpoint_dir)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype}; use one of {[str(d) for d in SUPPORTED_DTYPES]}")
@@ -68,7 +92,7 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_weights(file) as f:
             for name in f.keys():
                 if name not in expected:
                     unexpected.append(name)

@@ -9,9 +9,11 @@ family checkpoints (LLaDA-MoE, iLLaDA, our own embedded model) use other ids.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
+
+from ..runtime import json_fields as fields
+from ..runtime.errors import LladaOnnxError
 
 # Official LLaDA-8B ids, used only when a checkpoint does not state its own.
 OFFICIAL_IDS = {
@@ -24,7 +26,15 @@ OFFICIAL_IDS = {
 EOT_TOKEN_TEXT = "<|eot_id|>"
 
 
-class UnsupportedConfigError(ValueError):
+class CheckpointError(LladaOnnxError, ValueError):
+    """A checkpoint file is damaged, or its weights do not match its config (the message names the file)."""
+
+
+class CheckpointNotFoundError(LladaOnnxError, FileNotFoundError):
+    """The checkpoint directory, or a file it needs, is missing."""
+
+
+class UnsupportedConfigError(LladaOnnxError, ValueError):
     """The checkpoint asks for a feature this implementation does not have (named in the message)."""
 
 
@@ -83,43 +93,46 @@ class LLaDAConfig:
         _refuse(raw, source, "clip_qkv", lambda v: v is not None, "q/k/v clipping is not implemented")
         _refuse(raw, source, "block_group_size", lambda v: v not in (None, 1), "block groups are not implemented")
 
-        missing = [k for k in ("d_model", "n_heads", "n_layers") if k not in raw]
-        if missing:
-            raise UnsupportedConfigError(f"{source}: required field(s) missing: {', '.join(missing)}")
-        d_model, n_heads = int(raw["d_model"]), int(raw["n_heads"])
-        n_kv_heads = raw.get("n_kv_heads")
-        if n_kv_heads is None:
+        err = CheckpointError
+        d_model, n_heads = fields.integer(raw, "d_model", source, err), fields.integer(raw, "n_heads", source, err)
+        if raw.get("n_kv_heads") is None:
             # OLMo-style configs express MQA as a flag instead of a head count.
             n_kv_heads = 1 if raw.get("multi_query_attention") else n_heads
-        n_kv_heads = int(n_kv_heads)
+        else:
+            n_kv_heads = fields.integer(raw, "n_kv_heads", source, err)
         if d_model % n_heads:
             raise UnsupportedConfigError(f"{source}: d_model {d_model} is not divisible by n_heads {n_heads}")
         if (d_model // n_heads) % 2:
             raise UnsupportedConfigError(f"{source}: head_dim {d_model // n_heads} must be even for RoPE")
         if n_heads % n_kv_heads:
             raise UnsupportedConfigError(f"{source}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
-        mlp_hidden = raw.get("mlp_hidden_size")
-        if mlp_hidden is None:
-            mlp_hidden = int(raw.get("mlp_ratio", 4)) * d_model
-        vocab_size = int(raw.get("vocab_size") or raw["embedding_size"])
-        embedding_size = int(raw.get("embedding_size") or vocab_size)
+        if raw.get("mlp_hidden_size") is None:
+            mlp_hidden = fields.integer(raw, "mlp_ratio", source, err, default=4) * d_model
+        else:
+            mlp_hidden = fields.integer(raw, "mlp_hidden_size", source, err)
+        if raw.get("vocab_size") is None:
+            vocab_size = fields.integer(raw, "embedding_size", source, err)
+        else:
+            vocab_size = fields.integer(raw, "vocab_size", source, err)
+        embedding_size = fields.integer(raw, "embedding_size", source, err, default=vocab_size)
         if embedding_size < vocab_size:
             raise UnsupportedConfigError(f"{source}: embedding_size {embedding_size} < vocab_size {vocab_size}")
-        ids = {name: raw[name] for name in OFFICIAL_IDS if raw.get(name) is not None}
+        ids = {name: fields.integer(raw, name, source, err, minimum=0, below=embedding_size)
+               for name in OFFICIAL_IDS if raw.get(name) is not None}
         return cls(
             d_model=d_model,
             n_heads=n_heads,
-            n_layers=int(raw["n_layers"]),
-            mlp_hidden_size=int(mlp_hidden),
+            n_layers=fields.integer(raw, "n_layers", source, err),
+            mlp_hidden_size=mlp_hidden,
             vocab_size=vocab_size,
             embedding_size=embedding_size,
             n_kv_heads=n_kv_heads,
-            max_sequence_length=int(raw.get("max_sequence_length", 4096)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            max_sequence_length=fields.integer(raw, "max_sequence_length", source, err, default=4096),
+            rope_theta=fields.number(raw, "rope_theta", source, err, default=10000.0),
             rope_full_precision=bool(raw.get("rope_full_precision", True)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=fields.number(raw, "rms_norm_eps", source, err, default=1e-5),
             weight_tying=bool(raw.get("weight_tying", False)),
-            **{k: int(v) for k, v in ids.items()},
+            **ids,
         )
 
     @classmethod
@@ -127,11 +140,11 @@ class LLaDAConfig:
         """Read ``config.json`` plus the special ids of ``generation_config.json`` and ``tokenizer_config.json``."""
         path = Path(checkpoint_dir)
         if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+            raise CheckpointNotFoundError(f"checkpoint directory not found: {path}")
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face LLaDA checkpoint directory")
-        raw = dict(_read_json(cfg_file))
+            raise CheckpointNotFoundError(f"{path} has no config.json: not a Hugging Face LLaDA checkpoint directory")
+        raw = _read_json(cfg_file)
         gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
             if raw.get(key) is None and isinstance(gen.get(key), int):
@@ -183,8 +196,9 @@ class LLaDAConfig:
 
 def token_id_by_text(tokenizer_config: dict[str, Any], text: str) -> int | None:
     """Find a special token's id in ``tokenizer_config.json``'s ``added_tokens_decoder`` by its text."""
-    for key, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and entry.get("content") == text:
+    decoder = tokenizer_config.get("added_tokens_decoder")
+    for key, entry in (decoder.items() if isinstance(decoder, dict) else ()):
+        if isinstance(entry, dict) and entry.get("content") == text and str(key).isdigit():
             return int(key)
     return None
 
@@ -195,8 +209,4 @@ def _refuse(raw: dict[str, Any], source: str, field: str, bad, why: str) -> None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return fields.read_object(path, CheckpointError, "download the checkpoint's file again")

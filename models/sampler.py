@@ -8,7 +8,7 @@ whole canvas and a softmax over every position each step. Departures, each equiv
   outside the window is ever committed). The same seed gives the same output here and in the runtime.
 * Ties in the top-k transfer go to the lowest position (``torch.topk`` leaves ties unspecified).
 * Ids (mask, EOS, EoT, pad) come from the model's checkpoint instead of the 8B constants.
-* Invalid settings raise ``ValueError`` instead of asserting.
+* Invalid settings raise :class:`~llada_onnx.runtime.errors.InputError` (a ``ValueError``) instead of asserting.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime.errors import InputError
 from ..runtime.noise import Noise, NoiseLike
 from ..runtime.settings import SamplerSettings, suppressed_confidence_ids, window_start
 
@@ -37,34 +38,40 @@ def generate(
     model,
     prompt: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    steps: int = 128,
-    gen_length: int = 128,
-    block_length: int = 128,
-    temperature: float = 0.0,
-    cfg_scale: float = 0.0,
-    remasking: str = "low_confidence",
+    steps: int | None = None,
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    temperature: float | None = None,
+    cfg_scale: float | None = None,
+    remasking: str | None = None,
     mask_id: int | None = None,
-    logits_eos_inf: bool = False,
-    confidence_eos_eot_inf: bool = False,
+    logits_eos_inf: bool | None = None,
+    confidence_eos_eot_inf: bool | None = None,
     *,
-    confidence_eos_eot_inf_fixed: bool = False,
-    allow_mask_in_prompt: bool = False,
     eos_id: int | None = None,
     eot_id: int | None = None,
     pad_id: int | None = None,
     noise: NoiseLike = None,
     seed: int | None = None,
+    **settings,
 ) -> torch.Tensor:
     """Generate with the official sampler; returns the whole canvas ``[B, Lp + gen_length]``.
 
-    ``model(input_ids, attention_mask)`` must return logits ``[B, L, vocab]`` (an :class:`LLaDAModel` does).
-    Ids default to the model's config. ``noise``/``seed``: see :class:`~llada_onnx.runtime.noise.Noise`.
+    The official arguments keep their places; a setting left at None takes :class:`SamplerSettings`' default
+    (the same as the runtime's), and ``settings`` takes its other exact-sampler fields
+    (``confidence_eos_eot_inf_fixed``, ``allow_mask_in_prompt``). ``model(input_ids, attention_mask)`` must
+    return logits ``[B, L, vocab]`` (an :class:`LLaDAModel` does). Ids default to the model's config.
+    ``noise``/``seed``: see :class:`~llada_onnx.runtime.noise.Noise`.
     """
-    s = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-                        cfg_scale=cfg_scale, remasking=remasking, logits_eos_inf=logits_eos_inf,
-                        confidence_eos_eot_inf=confidence_eos_eot_inf,
-                        confidence_eos_eot_inf_fixed=confidence_eos_eot_inf_fixed,
-                        allow_mask_in_prompt=allow_mask_in_prompt)
+    official = dict(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                    cfg_scale=cfg_scale, remasking=remasking, logits_eos_inf=logits_eos_inf,
+                    confidence_eos_eot_inf=confidence_eos_eot_inf)
+    s = SamplerSettings.of({**{k: v for k, v in official.items() if v is not None}, **settings})
+    if s.parallel or s.cache != "none" or s.early_stop:
+        raise InputError("the torch reference is the exact sampler: fast decoding (`threshold`, `factor`, "
+                         "`cache`) and `early_stop` are runtime options")
+    steps, gen_length, block_length = s.steps, s.gen_length, s.block_length
+    temperature, cfg_scale, remasking, logits_eos_inf = s.temperature, s.cfg_scale, s.remasking, s.logits_eos_inf
     cfg = model.config
     mask_id = cfg.mask_token_id if mask_id is None else mask_id
     eos_id = cfg.eos_token_id if eos_id is None else eos_id

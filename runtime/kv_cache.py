@@ -18,7 +18,9 @@ import onnxruntime as ort
 
 from . import providers as _providers
 from .captured_steps import UNCAPTURED, CapturedSteps, PinnedCache
-from .manifest import Manifest, NotAnExportError
+from .errors import InputError
+from .errors import NotAnExportError
+from .manifest import Manifest
 from .session import StepOutput, open_session, run_step
 
 Cache = list[Any]  # per layer keys then values [B, n_kv_heads, L, head_dim]: numpy arrays, OrtValues on CUDA
@@ -31,7 +33,7 @@ class KVCacheSession:
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
                  allow_fallback: bool = False, cuda_graphs: bool = True):
         if not manifest.cache_graph:
-            raise ValueError(f"{manifest.directory} has no KV-cache graph: re-export with `llada-onnx export "
+            raise InputError(f"{manifest.directory} has no KV-cache graph: re-export with `llada-onnx export "
                              "--cache` to use cache='prefix' or 'dual'")
         self.manifest = manifest
         path, chosen = manifest.directory / manifest.cache_graph, _providers.resolve(provider, device_id)
@@ -42,7 +44,7 @@ class KVCacheSession:
             self.session, self.provider = open_session(
                 path, [(chosen[0][0], dict(chosen[0][1], enable_cuda_graph="1")), *chosen[1:]] if graphs else chosen,
                 **kwargs)
-        except NotAnExportError as e:
+        except Exception as e:  # onnxruntime's own error when a node cannot run inside a CUDA graph
             if not graphs or "graph" not in str(e).lower():
                 raise
             # onnxruntime refuses CUDA graphs when a node of the graph runs outside the CUDA provider.

@@ -13,6 +13,8 @@ from typing import Callable, Union
 
 import numpy as np
 
+from .errors import InputError
+
 UniformFn = Callable[[tuple, np.dtype], np.ndarray]
 NoiseLike = Union["Noise", np.random.Generator, UniformFn, int, None]
 
@@ -34,7 +36,7 @@ class Noise:
         if isinstance(noise, Noise):
             return noise
         if noise is not None and seed is not None:
-            raise ValueError("pass either seed or a noise source (rng), not both")
+            raise InputError("pass either `seed` or a noise source (`rng`), not both")
         if noise is None:
             noise = np.random.default_rng(0 if seed is None else seed)
         elif isinstance(noise, (int, np.integer)):

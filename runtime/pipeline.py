@@ -59,42 +59,37 @@ class Pipeline:
     def provider(self) -> str:
         return self.graph.provider
 
-    def generate_ids(self, input_ids, attention_mask=None, *, steps: int = 128, gen_length: int = 128,
-                     block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
-                     remasking: str = "low_confidence", logits_eos_inf: bool = False,
-                     confidence_eos_eot_inf: bool = False, confidence_eos_eot_inf_fixed: bool = False,
-                     allow_mask_in_prompt: bool = False, threshold: float | None = None,
-                     factor: float | None = None, early_stop: bool = False, cache: str = "none",
-                     refresh_every: int | None = None, seed: int | None = None,
-                     rng: NoiseLike = None, callback: Callback | None = None) -> np.ndarray:
+    def generate_ids(self, input_ids, attention_mask=None, *, seed: int | None = None, rng: NoiseLike = None,
+                     callback: Callback | None = None, **settings: Any) -> np.ndarray:
         """The official sampler on token ids; returns the canvas ``[batch, prompt_len + gen_length]`` (int64).
 
-        Same arguments and result as :func:`llada_onnx.models.sampler.generate`; ``seed`` or ``rng`` (a numpy
-        Generator or ``callable(shape, dtype)``) supplies the noise, seed 0 by default. Fast decoding:
-        ``threshold`` / ``factor`` (Fast-dLLM's parallel rules), ``early_stop``, and ``cache`` ("prefix" /
-        "dual", with ``refresh_every``) for exports made with ``--cache``; see :class:`SamplerSettings`.
-        Early stop is off here, so the canvas is the full one unless asked.
+        ``settings`` are the fields of :class:`SamplerSettings` (defaults: 128 tokens, blocks of 32, one step per
+        token; early stop off, so the canvas is the full one unless asked). Same result as
+        :func:`llada_onnx.models.sampler.generate`; ``seed`` or ``rng`` (a numpy Generator or
+        ``callable(shape, dtype)``) supplies the noise, seed 0 by default. ``cache`` ("prefix" / "dual") needs an
+        export made with ``--cache``.
         """
-        settings = SamplerSettings(steps=steps, gen_length=gen_length, block_length=block_length,
-                                   temperature=temperature, cfg_scale=cfg_scale, remasking=remasking,
-                                   logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
-                                   confidence_eos_eot_inf_fixed=confidence_eos_eot_inf_fixed,
-                                   allow_mask_in_prompt=allow_mask_in_prompt, threshold=threshold, factor=factor,
-                                   early_stop=early_stop, cache=cache, refresh_every=refresh_every)
+        return self._generate_ids(input_ids, attention_mask, SamplerSettings.of(settings), seed=seed, rng=rng,
+                                  callback=callback)
+
+    def _generate_ids(self, input_ids, attention_mask, settings: SamplerSettings, *, seed: int | None = None,
+                      rng: NoiseLike = None, callback: Callback | None = None) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
         mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
         return generate_ids(self.graph, ids, mask, settings, noise=Noise.of(rng, seed), callback=callback,
-                            cache_graph=self.kv_cache if cache != "none" else None)
+                            cache_graph=self.kv_cache if settings.cache != "none" else None)
 
-    def generate(self, prompts: Prompts, *, chat: bool | None = None, **settings: Any) -> list[str]:
+    def generate(self, prompts: Prompts, *, chat: bool | None = None, seed: int | None = None,
+                 rng: NoiseLike = None, callback: Callback | None = None, **settings: Any) -> list[str]:
         """Generate text: ``prompts`` is a string, a list of strings, a conversation or a list of conversations.
 
         ``chat=None`` uses the model's chat template when it has one (Instruct) and raw text otherwise (base
         models). Settings are those of :meth:`generate_ids`. Each answer is cut at its first EOS/EoT. Early stop is
         on by default here: it cannot change the text (see :class:`SamplerSettings`).
         """
+        resolved = SamplerSettings.of(settings, text=True)
         ids, mask = self.codec.encode_batch(prompts, chat)
-        out = self.generate_ids(ids, mask, **{"early_stop": True, **settings})
+        out = self._generate_ids(ids, mask, resolved, seed=seed, rng=rng, callback=callback)
         return self.codec.decode_batch(out[:, ids.shape[1]:])

@@ -12,6 +12,8 @@ from typing import Any, Sequence, Union
 
 import onnxruntime as ort
 
+from .errors import InputError, LladaOnnxError
+
 ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
            "directml": "DmlExecutionProvider"}
 PACKAGES = {
@@ -24,7 +26,7 @@ PACKAGES = {
 ProviderSpec = Union[str, Sequence[Union[str, tuple[str, dict[str, Any]]]]]
 
 
-class ProviderUnavailableError(RuntimeError):
+class ProviderUnavailableError(LladaOnnxError, RuntimeError):
     """The requested execution provider is not in this onnxruntime build (or failed to initialise)."""
 
 
@@ -34,7 +36,7 @@ def resolve(provider: ProviderSpec, device_id: int = 0,
     available = list(ort.get_available_providers() if available is None else available)
     items = [provider] if isinstance(provider, str) else list(provider)
     if not items:
-        raise ValueError("provider list is empty; use 'cpu', 'cuda', 'dml' or onnxruntime provider names")
+        raise InputError("provider list is empty; use 'cpu', 'cuda', 'dml' or onnxruntime provider names")
     resolved = []
     for item in items:
         name, options = (item, {}) if isinstance(item, str) else (item[0], dict(item[1]))
@@ -58,7 +60,7 @@ def session_options(primary: str, threads: int | None = None,
     so = base if base is not None else ort.SessionOptions()
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise InputError(f"`threads` must be >= 1, got {threads}")
         so.intra_op_num_threads = threads
     if primary == "DmlExecutionProvider":
         so.enable_mem_pattern = False

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .errors import InputError
 from .kv_cache import KVCacheSession
 from .noise import Noise
 from .policies import factor_count, threshold_count
@@ -66,7 +67,7 @@ def generate_ids(
     (and every ``refresh_every`` steps), cached steps in between.
     """
     if settings.cache != "none" and cache_graph is None:
-        raise ValueError(f"cache={settings.cache!r} needs the export's KV-cache graph (export with --cache)")
+        raise InputError(f"`cache` {settings.cache} needs the export's KV-cache graph (export with --cache)")
     m = graph.manifest
     mask_id, eos_id, eot_id = m.id("mask_token_id"), m.id("eos_token_id"), m.id("eot_token_id")
     prompt = np.asarray(prompt, dtype=np.int64)

@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
-from .manifest import Manifest, NotAnExportError
+from .errors import LladaOnnxError, NotAnExportError
+from .manifest import Manifest
 
 
 @dataclass
@@ -32,9 +33,42 @@ def open_session(path: Path, provider: _providers.ProviderSpec, *, device_id: in
     so = _providers.session_options(chosen[0][0], threads, session_options)
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
-    except Exception as e:  # onnxruntime raises its own exception types for a damaged file
-        raise NotAnExportError(f"onnxruntime could not load {path}: {e}") from None
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidProtobuf, ...)
+        known = load_error(path, chosen[0][0], e)
+        if known is None:
+            raise
+        raise known from None
     return session, _providers.check_active(session, chosen[0][0], allow_fallback)
+
+
+# What onnxruntime says when it loads a graph, told apart by its message: onnxruntime has no finer error types.
+_DAMAGED = ("Protobuf parsing failed", "External data", "external data", "Deserialize tensor", "out of bounds")
+_UNSUPPORTED = ("is not a registered function/op", "Could not find an implementation", "NOT_IMPLEMENTED")
+_LIBRARY = ("Failed to load library", "LoadLibrary", "cannot open shared object file", "library not found")
+
+
+def load_error(path: Path, provider: str, error: Exception) -> Exception | None:
+    """The package's error for an onnxruntime load failure it recognises (None: a failure it cannot explain,
+    left as it is): a damaged or incomplete export, an operator this onnxruntime build lacks, or an execution
+    provider whose libraries failed to load."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if any(s in detail for s in _LIBRARY):
+        return _providers.ProviderUnavailableError(
+            f"onnxruntime could not load the libraries of {provider}: {detail}; install the libraries it needs "
+            "(for CUDA: the CUDA and cuDNN versions this onnxruntime-gpu was built for) or choose another provider")
+    if any(s in detail for s in _DAMAGED):
+        return NotAnExportError(f"{path} or its weight file is damaged or incomplete ({detail}); copy the export "
+                                "again or re-export it")
+    if any(s in detail for s in _UNSUPPORTED):
+        return UnsupportedGraphError(
+            f"onnxruntime {ort.__version__} on {provider} cannot run {path.name}: {detail}; use a newer "
+            "onnxruntime, or an export for this provider (e.g. --fusion none for providers without onnxruntime's "
+            "contrib ops)")
+    return None
+
+
+class UnsupportedGraphError(LladaOnnxError, RuntimeError):
+    """The export uses an operator this onnxruntime build or provider does not have."""
 
 
 class GraphSession:

@@ -137,7 +137,8 @@ def test_gqa_repeats_kv_heads_interleaved():
 
 
 def test_tied_has_no_separate_head(tmp_path):
-    make_tiny_checkpoint(tmp_path, weight_tying=True, d_model=32, n_heads=2, n_layers=1, vocab_size=300)
+    ids = {"mask_token_id": 5, "eos_token_id": 6, "pad_token_id": 6, "bos_token_id": 7, "eot_token_id": 9}
+    make_tiny_checkpoint(tmp_path, weight_tying=True, d_model=32, n_heads=2, n_layers=1, vocab_size=300, ids=ids)
     from safetensors import safe_open
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())

@@ -82,4 +82,8 @@ def test_cli_generate_uses_the_default_model():
     assert len(res.stdout.split()) > 3
     chat = subprocess.run([sys.executable, "-m", "llada_onnx.cli", "chat"], input="hello\n",
                           capture_output=True, text=True, timeout=300)
-    assert chat.returncode == 2 and "no chat template" in chat.stderr and "Traceback" not in chat.stderr
+    assert chat.returncode == 2 and "Traceback" not in chat.stderr
+    assert "needs --model" in chat.stderr and "base model without a chat template" in chat.stderr
+    help_text = subprocess.run([sys.executable, "-m", "llada_onnx.cli", "chat", "--help"], capture_output=True,
+                               text=True, timeout=300).stdout
+    assert "the embedded default model is a base model" in " ".join(help_text.split())

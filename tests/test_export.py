@@ -115,8 +115,9 @@ def test_errors(tmp_path, tiny_ckpt):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(ExportError, match="--force"):
-        export(tiny_ckpt, busy, progress=False)
+    for force in (False, True):  # not an export: --force does not delete it either
+        with pytest.raises(ExportError, match="not a llada-onnx export.*keep.txt"):
+            export(tiny_ckpt, busy, force=force, progress=False)
     assert (busy / "keep.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alibi", "busy", "foreign", "noweights"]
 
@@ -152,11 +153,11 @@ def test_force_replaces_and_cli_exports(tmp_path, tied_ckpt, capsys):
     from llada_onnx.cli import main
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    assert main(["export", str(tied_ckpt), str(out), "--force"]) == 0
-    assert not (out / "old.txt").exists() and (out / MANIFEST_FILE).is_file()
+    assert main(["export", str(tied_ckpt), str(out)]) == 0
     err = capsys.readouterr().err
     assert "validating" in err and "top_ids agreement 100.0000%" in err and "peak RSS" in err
+    (out / "validation.json").write_text("stale")
     assert main(["export", str(tied_ckpt), str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "earlier export; pass --force" in capsys.readouterr().err
+    assert main(["export", str(tied_ckpt), str(out), "--force"]) == 0
+    assert json.loads((out / "validation.json").read_text())["top_ids_agreement"] == 1.0

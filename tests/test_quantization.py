@@ -163,6 +163,7 @@ def test_cli_exports_fp16_int4_for_gpus(tmp_path, tied_ckpt):
 def test_quantize_an_existing_export(tmp_path, tiny_cache_onnx, int4_onnx):
     """``llada-onnx quantize``: no checkpoint, no re-trace; the same graph as quantizing at export time."""
     from llada_onnx.cli import main
+    from llada_onnx.export import ExportError
     from llada_onnx.export.quantize import QuantizationError, quantize_export
 
     out = tmp_path / "int4"
@@ -179,7 +180,7 @@ def test_quantize_an_existing_export(tmp_path, tiny_cache_onnx, int4_onnx):
     assert pipe.generate_ids(ids, mask, cache="dual", **KW).shape == (2, ids.shape[1] + 16)
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize_export(out, tmp_path / "again", Quantization("int8"), progress=False)
-    with pytest.raises(QuantizationError, match="--force"):
+    with pytest.raises(ExportError, match="--force"):
         quantize_export(tiny_cache_onnx, out, Quantization("int8"), progress=False)
     assert main(["quantize", str(tiny_cache_onnx), str(tmp_path / "x"), "--quantize", "int4", "--block-size", "24"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]  # nothing half-written

@@ -4,7 +4,7 @@ Subpackages: :mod:`llada_onnx.runtime` (numpy + onnxruntime + tokenizers), :mod:
 (checkpoint -> ONNX, needs torch) and :mod:`llada_onnx.models` (the torch model and reference sampler).
 """
 
-from .runtime import Pipeline, SamplerSettings, StepInfo
+from .runtime import LladaOnnxError, Pipeline, SamplerSettings, StepInfo
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "SamplerSettings", "StepInfo", "__version__"]
+__all__ = ["LladaOnnxError", "Pipeline", "SamplerSettings", "StepInfo", "__version__"]

@@ -1,0 +1,300 @@
+"""``llada-onnx`` command line: ``export`` and ``quantize`` (need the export extra), ``generate`` and ``chat``.
+
+A mistake in the user's input (any :class:`~llada_onnx.runtime.errors.LladaOnnxError`) is one line on stderr
+naming the flag or file, with exit code 2; anything else is a bug in llada-onnx and keeps its traceback (exit 1).
+The sampler flags are generated from :class:`~llada_onnx.runtime.settings.SamplerSettings`, so their defaults
+and checks are the Python API's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Sequence
+
+from . import __version__
+from .runtime.errors import InputError, LladaOnnxError
+from .runtime.settings import knobs
+
+EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
+    except LladaOnnxError as e:
+        print(f"llada-onnx {args.command}: error: {e.render(_flag_names())}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _flag_names() -> dict[str, str]:
+    """How error messages' quoted names read on the command line."""
+    names = {f.name: _flag(f) for f in knobs()}
+    names.update({"chat=False": "--raw", "chat=True": "--chat", "threads": "--threads", "seed": "--seed"})
+    return names
+
+
+def _flag(field) -> str:
+    negated = field.metadata.get("text_default") is True
+    return ("--no-" if negated else "--") + field.name.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------------------ parsers
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except switches and options whose help says what unset means."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llada-onnx", description="Run LLaDA diffusion language models on ONNX Runtime.",
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"llada-onnx {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show the libraries' log messages (INFO and up)")
+    sub = p.add_subparsers(dest="command")
+
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description or help, parents=[common],
+                              formatter_class=_HelpFormatter)
+
+    e = command("export", "export a LLaDA checkpoint directory to ONNX (needs llada-onnx[export])")
+    e.add_argument("checkpoint_dir", help="a Hugging Face checkpoint directory (config.json, safetensors weights)")
+    e.add_argument("output_dir", help="a new or empty directory, or an earlier export (with --force)")
+    e.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="fp32 for the CPU; fp16 for CUDA/DirectML")
+    e.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the highest DirectML runs)")
+    e.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to load and validate")
+    e.add_argument("--fusion", choices=("none", "ort"), default="none",
+                   help="ort: attention and RMSNorm as onnxruntime contrib ops, faster on the CPU and CUDA "
+                        "providers; none: standard ONNX ops only, for every provider incl. DirectML")
+    e.add_argument("--cache", action="store_true",
+                   help="also export cache.onnx, the block-wise KV-cache graph for --cache prefix/dual decoding "
+                        "(shares the weights: no second copy on disk)")
+    _quantization_args(e, required=False)
+    e.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    e.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the onnxruntime-vs-torch validation")
+    e.set_defaults(run=_export)
+
+    q = command("quantize", "quantize an existing float export (needs llada-onnx[export]; no checkpoint)")
+    q.add_argument("export_dir", help="a float export made by llada-onnx export")
+    q.add_argument("output_dir", help="a new or empty directory, or an earlier export (with --force)")
+    _quantization_args(q, required=True)
+    q.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where to validate against the float export (fp16 exports: cuda)")
+    q.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    q.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the comparison with the float export")
+    q.set_defaults(run=_quantize)
+
+    g = command("generate", "generate text from prompts")
+    _model_args(g, "an export directory written by `llada-onnx export` (default: the embedded Shakespeare model)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    g.add_argument("--file", help="a UTF-8 text file with one prompt per line")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="format prompts with the model's chat template (default when it has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="use prompts as they are")
+    _sampler_args(g)
+    g.add_argument("--json", action="store_true", help="print prompts, texts, token ids, settings and timings")
+    g.add_argument("--show-steps", action="store_true", help="draw the canvas filling in (_ = still masked)")
+    g.set_defaults(run=_generate)
+
+    c = command("chat", "interactive multi-turn chat with an Instruct export",
+                "Interactive multi-turn chat. Needs an export of an Instruct model (one with a chat template): "
+                "the embedded default model is a base model, so use `llada-onnx generate` for it.")
+    _model_args(c, "an export of an Instruct model (required: the embedded default model has no chat template)")
+    _sampler_args(c)
+    c.set_defaults(run=_chat)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "dml"), help="execution provider")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's choice)")
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`SamplerSettings` field, with its default for text output."""
+    for field in knobs():
+        kind, default = field.metadata["kind"], field.metadata.get("text_default", field.default)
+        if kind is bool:
+            p.add_argument(_flag(field), dest=field.name, action="store_false" if default else "store_true",
+                           default=default, help=field.metadata["help"])
+        else:
+            p.add_argument(_flag(field), dest=field.name, type=kind, default=default,
+                           choices=field.metadata["choices"], help=field.metadata["help"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and remasking noise")
+
+
+def _quantization_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4") if required else ("none", "int8", "int4"),
+                   required=required, default=None if required else "none",
+                   help="int8: dynamic int8 linear layers (fp32 CPU graphs); int4: weight-only MatMulNBits "
+                        "(fp32 graphs for the CPU, fp16 graphs for CUDA)")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (128: a smaller file)")
+    p.add_argument("--accuracy-level", type=int, default=0,
+                   help="int4 kernels' compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    p.add_argument("--keep-head", action="store_true",
+                   help="leave the LM head and the embedding table in float when quantizing")
+
+
+def _quantization(args):
+    from .export.quantize import Quantization
+
+    return Quantization(args.quantize, args.block_size, args.accuracy_level, args.keep_head)
+
+
+def _settings(args):
+    from .runtime.settings import SamplerSettings
+
+    return SamplerSettings.of({field.name: getattr(args, field.name) for field in knobs()})
+
+
+def _pipeline(args):
+    from .runtime import Pipeline
+
+    return Pipeline.from_pretrained(args.model, provider=args.provider, threads=args.threads)
+
+
+def _export_extra(what: str):
+    try:
+        from . import export
+    except ImportError as e:
+        raise InputError(f"{what} needs the export extra (pip install '.[export]' in a clone): {e}") from None
+    return export
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _export(args) -> int:
+    export = _export_extra("export")
+    export.export(args.checkpoint_dir, args.output_dir, dtype=args.dtype, opset=args.opset, device=args.device,
+                  force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache,
+                  quantization=_quantization(args))
+    return 0
+
+
+def _quantize(args) -> int:
+    _export_extra("quantize")
+    from .export.quantize import quantize_export
+
+    quantize_export(args.export_dir, args.output_dir, _quantization(args), device=args.device, force=args.force,
+                    validate=args.validate)
+    return 0
+
+
+def _generate(args) -> int:
+    from .runtime.text import read_prompt_file
+
+    prompts = list(args.prompt) + (read_prompt_file(args.file) if args.file else [])
+    if not prompts:
+        raise InputError("no prompt given: use --prompt TEXT (repeatable) or --file PROMPTS.txt")
+    settings = _settings(args)
+    pipe = _pipeline(args)
+    chat = pipe.codec.has_chat_template if args.chat is None else args.chat
+    ids, mask = pipe.codec.encode_batch(prompts, chat)
+    display = _StepDisplay(pipe.codec, ids.shape, settings.gen_length, show_steps=args.show_steps,
+                           enabled=sys.stderr.isatty() or args.show_steps)
+    start = time.perf_counter()
+    out = pipe.generate_ids(ids, mask, seed=args.seed, callback=display, **settings.as_dict())
+    seconds = time.perf_counter() - start
+    display.close()
+    texts = pipe.codec.decode_batch(out[:, ids.shape[1]:])
+    if args.json:
+        tokens = out.shape[0] * settings.gen_length
+        print(json.dumps({
+            "model": str(pipe.manifest.directory), "provider": pipe.provider, "chat": chat,
+            "settings": dict(settings.as_dict(), seed=args.seed),
+            "results": [{"prompt": p, "text": t, "prompt_ids": row[m.astype(bool)].tolist(),
+                         "output_ids": o[ids.shape[1]:].tolist()}
+                        for p, t, row, m, o in zip(prompts, texts, ids, mask, out)],
+            "timings": {"seconds": seconds, "steps": display.steps_run, "tokens_per_second": tokens / seconds},
+        }, indent=2))
+    else:
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- [{i}] {prompts[i]}")
+            print(text)
+    return 0
+
+
+def _chat(args) -> int:
+    from .runtime.chat import ChatSession
+
+    if args.model is None:
+        raise InputError("chat needs --model DIR, an export of an Instruct model: the embedded default model is a "
+                         "base model without a chat template (use `llada-onnx generate --prompt TEXT` for it)")
+    session = ChatSession(_pipeline(args), seed=args.seed, **_settings(args).as_dict())
+    print("llada-onnx chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        answer = session.send(line)
+        if session.dropped_turns:
+            print(f"(the conversation outgrew the model's context: dropped the oldest {session.dropped_turns} "
+                  "turn(s))", file=sys.stderr)
+        print(f"llada> {answer}")
+
+
+class _StepDisplay:
+    """Progress on stderr (steps done / total, tokens/s) and, with ``show_steps``, the canvas filling in."""
+
+    def __init__(self, codec, prompt_shape, gen_length: int, *, show_steps: bool, enabled: bool):
+        self.codec, self.show_steps, self.enabled = codec, show_steps, enabled
+        self.prompt_len = prompt_shape[1]
+        self.tokens = prompt_shape[0] * gen_length
+        self.start = time.perf_counter()
+        self.mask_id = codec.manifest.id("mask_token_id")
+        self.steps_run = 0
+
+    def __call__(self, info) -> None:
+        self.steps_run += 1
+        if not self.enabled:
+            return
+        # Progress is counted in committed tokens: under threshold/factor decoding the step count is not known.
+        done = int((info.canvas[:, self.prompt_len:] != self.mask_id).sum())
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        bar = "#" * (30 * done // self.tokens)
+        steps = f"{info.step + 1}/{info.total_steps}" if info.total_steps else f"{info.step + 1}"
+        line = f"\rstep {steps} [{bar:<30}] {rate:.1f} tok/s"
+        if self.show_steps:
+            shown = self.codec.render_canvas(info.canvas[0, self.prompt_len:]).replace("\n", "\\n")
+            print(f"{line}\n  {shown}", file=sys.stderr, flush=True)
+        else:
+            print(line, end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and not self.show_steps:
+            print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
