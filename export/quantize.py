@@ -112,8 +112,11 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
     """
     import onnx
 
-    # The quantizers log every node and advise on preprocessing (through the root logger, which configures
-    # console logging as a side effect): silence them for the call.
+    # The quantizers log every node and advise on preprocessing: silenced for the call. Importing
+    # matmul_nbits_quantizer also configures the root logger at INFO (logging.basicConfig at module level), which
+    # would let every later library INFO record through: the root logger is put back as it was.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     logging.disable(logging.WARNING)
     try:
         if quantization.method == "int8":
@@ -122,6 +125,8 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
             _int4(source, target, quantization, vocab_size)
     finally:
         logging.disable(logging.NOTSET)
+        root.handlers[:] = handlers
+        root.setLevel(level)
     ops = [n.op_type for n in onnx.load(str(target), load_external_data=False).graph.node]
     quantized = ("MatMulInteger", "MatMulNBits", "GatherBlockQuantized")
     counts = {op: ops.count(op) for op in quantized if op in ops}
