@@ -38,8 +38,10 @@ class Noise:
         if noise is not None and seed is not None:
             raise InputError("pass either `seed` or a noise source (`rng`), not both")
         if noise is None:
-            noise = np.random.default_rng(0 if seed is None else seed)
-        elif isinstance(noise, (int, np.integer)):
+            noise = 0 if seed is None else seed
+        if isinstance(noise, (int, np.integer)) and not isinstance(noise, bool):
+            if noise < 0:
+                raise InputError(f"`seed` must be a non-negative integer, got {noise}")
             noise = np.random.default_rng(noise)
         return cls(noise)
 

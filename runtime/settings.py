@@ -76,9 +76,16 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         for name in ("gen_length", "steps", "block_length", "refresh_every"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            if (value is not None or name == "gen_length") and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                                       or value < 1):
                 raise InputError(f"`{name}` must be a positive integer, got {value!r}")
+        for name in ("logits_eos_inf", "confidence_eos_eot_inf", "confidence_eos_eot_inf_fixed",
+                     "allow_mask_in_prompt", "early_stop"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise InputError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        for name in ("remasking", "cache"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"`{name}` must be a string, got {getattr(self, name)!r}")
         for name in ("temperature", "cfg_scale", "threshold", "factor"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
@@ -121,14 +128,14 @@ class SamplerSettings:
 
     @classmethod
     def of(cls, settings: dict[str, Any], *, text: bool = False) -> "SamplerSettings":
-        """Settings from keyword arguments, refusing unknown names; ``text``: a text result, where a field's
-        ``text_default`` replaces its default."""
+        """Settings from keyword arguments, refusing unknown names; a None value is a setting left unset (its
+        default applies); ``text``: a text result, where a field's ``text_default`` replaces its default."""
         names = [f.name for f in knobs()]
         unknown = sorted(set(settings) - set(names))
         if unknown:
             raise InputError(f"unknown sampler setting(s) {', '.join(unknown)}; the settings are {', '.join(names)}")
         defaults = {f.name: f.metadata["text_default"] for f in knobs() if text and "text_default" in f.metadata}
-        return cls(**{**defaults, **settings})
+        return cls(**{**defaults, **{k: v for k, v in settings.items() if v is not None}})
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
