@@ -104,6 +104,10 @@ def make_tiny_checkpoint(
     ``tokenizer_config.json`` (ids in ``added_tokens_decoder``, the Instruct chat template),
     ``special_tokens_map.json`` and, with ``with_tokenizer``, a small word-level ``tokenizer.json`` whose special
     tokens sit at the checkpoint's ids.
+
+    The tokenizer knows about 150 words (:data:`WORDS`) at ids 0.., while the random model predicts ids from the
+    whole vocabulary: text decoded from its generations is empty (unknown ids decode to nothing). The tokenizer
+    is there to encode prompts and chat templates; compare generations by token ids.
     """
     out = Path(out_dir)
     model = make_tiny_model(**model_kwargs).to(dtype)

@@ -286,3 +286,35 @@ sys.exit(main(["generate", "--model", {str(tiny_onnx)!r}, "--prompt", "the king"
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert res.returncode == 1 and "Traceback" in res.stderr and "RuntimeError: a bug" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ quiet logs
+def test_library_logs_stay_quiet_unless_verbose(tmp_path, tiny_ckpt):
+    """onnxscript's and the quantizer's INFO records (thousands of lines, stack dumps) appear only with --verbose;
+    the Python API leaves the root logger as it found it."""
+    args = ["export", tiny_ckpt, tmp_path / "cli", "--quantize", "int4", "--cache", "--fusion", "ort"]
+    quiet = cli(*args)
+    assert quiet.returncode == 0, quiet.stderr
+    assert len(quiet.stderr.splitlines()) < 40 and "INFO" not in quiet.stderr and "Stack (most" not in quiet.stderr
+    script = f"""
+import logging
+from llada_onnx.export import Quantization, export
+export({str(tiny_ckpt)!r}, {str(tmp_path / "api")!r}, quantization=Quantization("int4"), cache=True,
+       fusion="ort", progress=False)
+root = logging.getLogger()
+assert not root.handlers and root.level == logging.WARNING, (root.handlers, root.level)
+"""
+    api = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert api.returncode == 0 and api.stderr == "", api.stderr[-3000:]
+    verbose = cli(*args[:2], tmp_path / "verbose", *args[3:], "--verbose")
+    assert verbose.returncode == 0 and len(verbose.stderr.splitlines()) > 100
+
+
+def test_summary_says_when_no_position_was_decisive(tmp_path):
+    from llada_onnx.export import ExportResult, summary
+
+    report = {"provider": "CPUExecutionProvider", "dtype": "fp32", "logits_tolerance": None, "logit_scale": 4.0,
+              "logits_max_abs_diff": 3.9, "top_ids_agreement": 0.67, "top_ids_decisive_positions": 0,
+              "top_ids_decisive_agreement": 1.0, "top_prob_max_abs_diff": 0.37}
+    text = summary(ExportResult(tmp_path, {}, report))
+    assert "no position was decisive" in text and "100" not in text
