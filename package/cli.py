@@ -257,7 +257,11 @@ def _chat(args) -> int:
             return 0
         if not line.strip():
             return 0
-        answer = session.send(line)
+        try:
+            answer = session.send(line)
+        except InputError as e:  # this message cannot be answered; the conversation goes on
+            print(f"llada-onnx chat: error: {e.render(_flag_names())}", file=sys.stderr)
+            continue
         if session.dropped_turns:
             print(f"(the conversation outgrew the model's context: dropped the oldest {session.dropped_turns} "
                   "turn(s))", file=sys.stderr)

@@ -126,6 +126,9 @@ def test_chat_message_longer_than_the_context(short_context_onnx):
     chat = ChatSession(Pipeline.from_pretrained(short_context_onnx), gen_length=8)
     with pytest.raises(LladaOnnxError, match="does not fit the model's context of 48 tokens"):
         chat.send("the king " * 40)
+    res = cli("chat", "--model", short_context_onnx, "--gen-length", "8", input="the king " * 40 + "\nthe king\n")
+    assert res.returncode == 0 and res.stdout.count("llada>") == 1  # the conversation goes on
+    assert "does not fit the model's context" in res.stderr and "--gen-length" in res.stderr
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing
