@@ -83,8 +83,7 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
 def prepare_model(name: str, work: Path, provider: str, config: str | None, fusions: list[str],
                   n_layers: int | None = None, cache: bool = False) -> Model:
     from llada_onnx.export import export
-    from llada_onnx.export.exporter import parameter_count
-    from llada_onnx.models import LLaDAConfig
+    from llada_onnx.models import read_checkpoint_config
     from llada_onnx.runtime import default_onnx_dir
 
     gpu = provider == "cuda"
@@ -100,7 +99,8 @@ def prepare_model(name: str, work: Path, provider: str, config: str | None, fusi
                 export(ckpt, out, dtype="fp16" if gpu else "fp32", device="cuda" if gpu else "cpu", force=True,
                        fusion=fusion, cache=cache)
     label = name if n_layers is None else f"{name} ({n_layers} layers)"
-    return Model(label, ckpt, onnx, parameter_count(LLaDAConfig.from_pretrained(ckpt)))
+    architecture, cfg = read_checkpoint_config(ckpt)
+    return Model(label, ckpt, onnx, architecture.parameter_count(cfg))
 
 
 def export_bytes(onnx: Path) -> int:

@@ -24,18 +24,17 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import INDEX_FILE, check_weight_files, checkpoint_bytes, load_model
-from ..models.config import LLaDAConfig
-from ..runtime.manifest import FUSIONS, INPUT_NAMES, MANIFEST_FILE, OUTPUT_NAMES, manifest_dict
+from ..models.registry import Architecture, read_checkpoint_config
+from ..runtime.contract import FORWARD, KV_CACHE, MANIFEST_FILE, ModelSizes
+from ..runtime.manifest import FUSIONS, manifest_dict
 from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
-from .graph import CachedSamplerGraph, SamplerGraph, cache_io_names
+from .graph import CachedSamplerGraph, SamplerGraph
 from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 from .validate import ValidationError, validate_cache_graph, validate_export
 
-GRAPH_FILE = "model.onnx"
 TRACED_FILE = "traced.onnx"  # a graph before quantization, deleted once the quantizer has written its own
-CACHE_FILE = "cache.onnx"  # the block-wise KV-cache graph, sharing the main graph's weights
 DEFAULT_OPSET = 20  # the highest opset the DirectML execution provider supports
 MIN_OPSET, MAX_OPSET = 18, 23  # the dynamo exporter's floor; the newest opset onnxruntime runs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -76,15 +75,6 @@ class _Progress:
             print(f" done ({self.seconds[name]:.1f} s)", file=sys.stderr, flush=True)
 
 
-def parameter_count(cfg: LLaDAConfig) -> int:
-    hd = cfg.head_dim
-    attn = cfg.d_model * (cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd) + cfg.d_model * cfg.d_model
-    mlp = 3 * cfg.d_model * cfg.mlp_hidden_size
-    per_layer = attn + mlp + 2 * cfg.d_model
-    head = 0 if cfg.weight_tying else cfg.embedding_size * cfg.d_model
-    return cfg.embedding_size * cfg.d_model + cfg.n_layers * per_layer + cfg.d_model + head
-
-
 def export(
     checkpoint_dir: str | Path,
     output_dir: str | Path,
@@ -110,10 +100,11 @@ def export(
     ckpt = Path(checkpoint_dir)
     opset = DEFAULT_OPSET if opset is None else opset
     say = _say if progress else _quiet
-    cfg = _check_request(ckpt, dtype=dtype, opset=opset, device=device, validate=validate, fusion=fusion,
-                         quantization=quantization)
+    architecture, cfg = _check_request(ckpt, dtype=dtype, opset=opset, device=device, validate=validate,
+                                       fusion=fusion, cache=cache, quantization=quantization)
+    sizes = architecture.sizes(cfg)
     out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)
-    need = _disk_needed(cfg, dtype, cache, quantization)
+    need = _disk_needed(architecture.parameter_count(cfg), dtype, cache, quantization)
     _check_disk(out, need)
     quantize = quantization.method != "none"
     stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
@@ -121,18 +112,18 @@ def export(
     with disk_full_is_reported(out, need), staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
-        fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), cfg, opset, device),
-                                          tmp / GRAPH_FILE, "the graph", fusion=fusion, required=None,
-                                          quantization=quantization, embedding_size=cfg.embedding_size, stages=stages)
+        fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), sizes, opset, device),
+                                          tmp / FORWARD.file, "the graph", fusion=fusion, required=None,
+                                          quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
         if cache:
-            _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), cfg, opset, device),
-                         tmp / CACHE_FILE, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
-                         quantization=quantization, embedding_size=cfg.embedding_size, stages=stages)
-            share_weights(tmp / GRAPH_FILE, tmp / CACHE_FILE)
+            _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device),
+                         tmp / KV_CACHE.file, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
+                         quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
+            share_weights(tmp / FORWARD.file, tmp / KV_CACHE.file)
         with stages.stage("writing manifest and tokenizer files"):
-            _write_metadata(tmp, ckpt, cfg, dtype=dtype, opset=opset, fusion=fusion, fusions=fusions,
-                            cache_graph=CACHE_FILE if cache else None, quantization=quantization,
-                            quantized_ops=quantized)
+            graphs = {kind.name: kind.file for kind in (FORWARD, KV_CACHE) if kind is FORWARD or cache}
+            _write_metadata(tmp, ckpt, architecture, cfg, graphs=graphs, dtype=dtype, opset=opset, fusion=fusion,
+                            fusions=fusions, quantization=quantization, quantized_ops=quantized)
         report = None
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
@@ -168,8 +159,8 @@ def summary(result: ExportResult) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- steps
-def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate: bool, fusion: str,
-                   quantization: Quantization) -> LLaDAConfig:
+def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate: bool, fusion: str, cache: bool,
+                   quantization: Quantization) -> tuple[Architecture, object]:
     if fusion not in FUSIONS:
         raise ExportError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSIONS)}")
     if dtype not in DTYPES:
@@ -190,19 +181,21 @@ def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate:
             "an fp16 export is validated on the CUDA execution provider, and --device cpu cannot run it there "
             "(onnxruntime's CPU provider lacks fp16 kernels for parts of the graph): use --device cuda, or "
             "--no-validate to export without validation")
-    cfg = LLaDAConfig.from_pretrained(ckpt)  # raises for a missing/foreign/unsupported/damaged config
+    architecture, cfg = read_checkpoint_config(ckpt)  # raises for a missing/foreign/unsupported/damaged config
+    if cache and KV_CACHE.name not in architecture.graph_kinds:
+        raise ExportError(f"{architecture.name} has no KV-cache graph yet: export without --cache")
     check_weight_files(ckpt)  # raises for missing or damaged weights
-    return cfg
+    return architecture, cfg
 
 
-def _disk_needed(cfg: LLaDAConfig, dtype: str, cache: bool, quantization: Quantization) -> int:
+def _disk_needed(parameters: int, dtype: str, cache: bool, quantization: Quantization) -> int:
     """Bytes the export writes at its peak.
 
     The quantizer writes its graph before the float one it reads is deleted (an int8 graph keeps its embedding
     table in float: at most half the bytes; an int4 one is about a quarter at most). The KV-cache graph is saved
     with its own copy of the weights (then quantized) before it is pointed at the main graph's.
     """
-    graph_bytes = parameter_count(cfg) * torch.finfo(DTYPES[dtype]).bits // 8
+    graph_bytes = parameters * torch.finfo(DTYPES[dtype]).bits // 8
     quantized = {"none": 0, "int8": graph_bytes // 2, "int4": graph_bytes // 4}[quantization.method]
     with_cache = (graph_bytes + 2 * quantized if quantized else 2 * graph_bytes) if cache else 0
     return max(graph_bytes + quantized, with_cache) + (64 << 20)
@@ -239,7 +232,7 @@ def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple
     return fusions, quantized
 
 
-def _trace_cache(graph: CachedSamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
+def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device: str):
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
     length = dim("length", min=2, max=cfg.max_sequence_length)
@@ -255,14 +248,14 @@ def _trace_cache(graph: CachedSamplerGraph, cfg: LLaDAConfig, opset: int, device
     # Distinct tensors, and a past length (5) unlike the others so that no two dimensions get unified.
     past = [torch.zeros(2, cfg.n_kv_heads, 5, cfg.head_dim, dtype=dtype, device=device)
             for _ in range(2 * cfg.n_layers)]
-    inputs, outputs = cache_io_names(cfg.n_layers)
+    inputs, outputs = KV_CACHE.input_names(cfg.n_layers), KV_CACHE.output_names(cfg.n_layers)
     shapes = {"input_ids": {0: batch, 1: fed}, "attention_mask": {0: batch, 1: length},
               "positions": {0: batch, 1: fed}, "head_index": {0: batch, 1: count}}
     return _export(graph, (ids, mask, positions, head, *past), opset, inputs, outputs,
                    (*shapes.values(), tuple({0: batch, 2: cached} for _ in past)))
 
 
-def _trace(graph: SamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
+def _trace(graph: SamplerGraph, cfg: ModelSizes, opset: int, device: str):
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
     length = dim("length", min=2, max=cfg.max_sequence_length)
@@ -272,7 +265,7 @@ def _trace(graph: SamplerGraph, cfg: LLaDAConfig, opset: int, device: str):
     mask = torch.ones(2, 5, dtype=torch.long, device=device)
     mask[1, 0] = 0
     positions = torch.tensor([[1, 2, 4], [2, 3, 4]], dtype=torch.long, device=device)
-    return _export(graph, (ids, mask, positions), opset, INPUT_NAMES, OUTPUT_NAMES, {
+    return _export(graph, (ids, mask, positions), opset, FORWARD.input_names(0), FORWARD.output_names(0), {
         "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
         "positions": {0: batch, 1: count}})
 
@@ -288,8 +281,8 @@ def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes):
                                  dynamic_shapes=dynamic_shapes)
 
 
-def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opset: int, fusion: str,
-                    fusions: dict[str, int] | None, cache_graph: str | None, quantization: Quantization,
+def _write_metadata(tmp: Path, ckpt: Path, architecture: Architecture, cfg, *, graphs: dict[str, str], dtype: str,
+                    opset: int, fusion: str, fusions: dict[str, int] | None, quantization: Quantization,
                     quantized_ops: dict[str, int] | None) -> None:
     import onnx
     import onnxruntime
@@ -297,10 +290,6 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
     for name in COPIED_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, tmp / name)
-    tok_cfg_file = ckpt / "tokenizer_config.json"
-    chat_template = None
-    if tok_cfg_file.is_file():
-        chat_template = json.loads(tok_cfg_file.read_text(encoding="utf-8")).get("chat_template")
     digest = hashlib.sha256()
     for name in ("config.json", INDEX_FILE):
         if (ckpt / name).is_file():
@@ -314,15 +303,24 @@ def _write_metadata(tmp: Path, ckpt: Path, cfg: LLaDAConfig, *, dtype: str, opse
         "onnxruntime": onnxruntime.__version__,
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    model_info = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
-                  "n_kv_heads": cfg.n_kv_heads, "mlp_hidden_size": cfg.mlp_hidden_size,
-                  "weight_tying": cfg.weight_tying, "parameters": parameter_count(cfg)}
-    manifest = manifest_dict(graph=GRAPH_FILE, dtype=dtype, opset=int(opset), vocab_size=cfg.embedding_size,
-                             max_sequence_length=cfg.max_sequence_length, ids=cfg.special_ids(),
-                             chat_template=chat_template, model=model_info, provenance=provenance,
-                             fusion=fusion, fusions=fusions, cache_graph=cache_graph, variant=quantization.variant,
+    manifest = manifest_dict(architecture=architecture.name, sampler=architecture.sampler, graphs=graphs,
+                             sizes=architecture.sizes(cfg), dtype=dtype, opset=int(opset), ids=cfg.special_ids(),
+                             chat_template=_chat_template(ckpt), model=architecture.summary(cfg),
+                             provenance=provenance, fusion=fusion, fusions=fusions, variant=quantization.variant,
                              quantization=quantization.manifest(), quantized_ops=quantized_ops)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _chat_template(ckpt: Path) -> str | None:
+    """The checkpoint's chat template: ``tokenizer_config.json``'s string, or the "default" one of its named list."""
+    file = ckpt / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) else None
 
 
 def _remove_graph(graph: Path) -> None:
@@ -346,5 +344,4 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-__all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "Quantization", "ValidationError", "export",
-           "parameter_count", "summary"]
+__all__ = ["DEFAULT_OPSET", "ExportError", "ExportResult", "Quantization", "ValidationError", "export", "summary"]

@@ -52,14 +52,6 @@ class CachedSamplerGraph(nn.Module):
         return (*summaries(self.model.lm_head(h), self.device), *(t for kv in presents for t in kv))
 
 
-def cache_io_names(n_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output names of the KV-cache graph (past/present per layer, keys then values)."""
-    past = tuple(f"past_{kind}_{i}" for i in range(n_layers) for kind in ("keys", "values"))
-    present = tuple(f"present_{kind}_{i}" for i in range(n_layers) for kind in ("keys", "values"))
-    return ("input_ids", "attention_mask", "positions", "head_index", *past), ("logits", "top_ids", "top_prob",
-                                                                             *present)
-
-
 def summaries(logits: torch.Tensor, device: str = "cpu"):
     """``(logits, top_ids, top_prob)`` of the main graph's contract, in the ops fastest on ``device``.
 

@@ -1,15 +1,19 @@
-"""The LLaDA transformer in torch (loads real Hugging Face checkpoints) and the torch reference sampler.
+"""The LLaDA family in torch (loads real Hugging Face checkpoints), its registry, and the torch reference sampler.
 
-Needs the ``export`` extra (torch, safetensors). The runtime never imports this package.
+Needs the ``export`` extra (torch, safetensors). The runtime never imports this package. Each architecture is a
+module that registers itself (:mod:`.registry`); importing it here is what makes it known.
 """
 
+from . import llada  # noqa: F401  (registers dense LLaDA)
 from .checkpoint import CheckpointError, checkpoint_bytes, load_model, save_model
 from .config import LLaDAConfig, UnsupportedConfigError
 from .modeling import LLaDAModel
+from .registry import Architecture, architecture_of, read_checkpoint_config, register, supported
 from .sampler import generate, get_num_transfer_tokens
 from .tiny import make_tiny_checkpoint, make_tiny_model
 
 __all__ = [
-    "CheckpointError", "LLaDAConfig", "LLaDAModel", "UnsupportedConfigError", "checkpoint_bytes", "generate",
-    "get_num_transfer_tokens", "load_model", "make_tiny_checkpoint", "make_tiny_model", "save_model",
+    "Architecture", "CheckpointError", "LLaDAConfig", "LLaDAModel", "UnsupportedConfigError", "architecture_of",
+    "checkpoint_bytes", "generate", "get_num_transfer_tokens", "load_model", "make_tiny_checkpoint",
+    "make_tiny_model", "read_checkpoint_config", "register", "save_model", "supported",
 ]

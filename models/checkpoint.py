@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import torch
 
 from ..runtime import json_fields as fields
-from .config import CheckpointError, CheckpointNotFoundError, LLaDAConfig
-from .modeling import LLaDAModel
+from .config import CheckpointError, CheckpointNotFoundError
+from .registry import architecture_for, read_checkpoint_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -79,14 +79,15 @@ def checkpoint_bytes(checkpoint_dir: str | Path) -> int:
 
 
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LLaDAModel:
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The checkpoint's model (of whichever registered architecture its config names), in ``dtype``."""
     path = Path(checkpoint_dir)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype}; use one of {[str(d) for d in SUPPORTED_DTYPES]}")
-    cfg = LLaDAConfig.from_pretrained(path)
+    architecture, cfg = read_checkpoint_config(path)
     files = weight_files(path)
     with torch.device("meta"):
-        model = LLaDAModel(cfg)
+        model = architecture.model(cfg)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
 
     state: dict[str, torch.Tensor] = {}
@@ -114,14 +115,15 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def save_model(model: LLaDAModel, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
+def save_model(model: torch.nn.Module, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
     """Write ``config.json`` and the weights; shards plus an index when they exceed ``max_shard_bytes``."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-    config = dict(model.config.to_dict(), torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."))
+    config = dict(model.config.to_dict(), architectures=[architecture_for(model.config).name],
+                  torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:

@@ -19,9 +19,9 @@ import onnxruntime as ort
 from . import providers as _providers
 from .captured_steps import UNCAPTURED, CapturedSteps, PinnedCache
 from .errors import InputError
-from .errors import NotAnExportError
+from .contract import KV_CACHE
 from .manifest import Manifest
-from .session import StepOutput, open_session, run_step
+from .session import StepOutput, check_graph, open_session, run_step
 
 Cache = list[Any]  # per layer keys then values [B, n_kv_heads, L, head_dim]: numpy arrays, OrtValues on CUDA
 
@@ -51,19 +51,16 @@ class KVCacheSession:
             warnings.warn(f"CUDA graphs are off for {path}: {e}", RuntimeWarning, stacklevel=2)
             graphs = False
             self.session, self.provider = open_session(path, chosen, **kwargs)
-        inputs = self.session.get_inputs()
-        self._past = [i.name for i in inputs if i.name.startswith("past_")]
-        if self._past != [f"past_{kind}_{i}" for i in range(len(self._past) // 2) for kind in ("keys", "values")]:
-            raise NotAnExportError(f"{manifest.directory / manifest.cache_graph} is a KV-cache graph of an older "
-                                   "llada-onnx (one stacked past tensor); re-export with `llada-onnx export --cache`")
-        self._present = [name.replace("past_", "present_", 1) for name in self._past]
-        past_type = next(i.type for i in inputs if i.name == self._past[0])
+        sizes = manifest.sizes
+        check_graph(self.session, KV_CACHE, sizes.n_layers, path)
+        self._past = list(KV_CACHE.layer_input_names(sizes.n_layers))
+        self._present = list(KV_CACHE.layer_output_names(sizes.n_layers))
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == self._past[0])
         self._past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else None
         self._device_id = device_id
         self._empty: dict[int, Any] = {}
-        m = manifest.raw["model"]
-        self._dims = (m["n_kv_heads"], m["d_model"] // m["n_heads"])
+        self._dims = (sizes.n_kv_heads, sizes.head_dim)
         self._captured = None
         if graphs and self._device:  # not when onnxruntime fell back to the CPU (allow_fallback)
             self._captured = CapturedSteps(self.session, device_id, self._past, self._present, self._dims,

@@ -1,10 +1,8 @@
-"""``llada_onnx.json``: the contract between an export directory and the runtime.
+"""``llada_onnx.json``: what an export directory holds, written by the exporter and checked by the runtime.
 
-The exporter writes it, the runtime reads it; both import the names from here so they cannot drift apart.
-Graph inputs: ``input_ids`` int64 ``[batch, length]``, ``attention_mask`` int64 ``[batch, length]`` (1 = token,
-0 = pad), ``positions`` int64 ``[batch, count]``. Outputs, for those positions only: ``logits``
-``[batch, count, vocab]`` (the graph's dtype), ``top_ids`` int64 ``[batch, count]`` (argmax, first index on ties)
-and ``top_prob`` float32 ``[batch, count]`` (softmax probability of ``top_ids``).
+It names the architecture and the sampler family that drives it, the graph file of each graph kind of the
+contract (:mod:`.contract`, which declares their inputs and outputs), the model sizes the runtime needs, the
+special ids, the chat template, and how the graphs were made (dtype, opset, fusion, quantization, provenance).
 """
 
 from __future__ import annotations
@@ -15,38 +13,51 @@ from typing import Any
 
 from . import json_fields as fields
 from .chat_template import compile_chat_template
+from .contract import FORMAT_VERSION, GRAPH_KINDS, MANIFEST_FILE, ModelSizes
 from .errors import NotAnExportError
 
-MANIFEST_FILE = "llada_onnx.json"
-FORMAT_VERSION = 1
-INPUT_NAMES = ("input_ids", "attention_mask", "positions")
-OUTPUT_NAMES = ("logits", "top_ids", "top_prob")
 ID_FIELDS = ("mask_token_id", "eos_token_id", "eot_token_id", "bos_token_id", "pad_token_id")
 DTYPES = ("fp32", "fp16")
 FUSIONS = ("none", "ort")
-CACHE_SIZES = ("d_model", "n_heads", "n_kv_heads")  # what the KV-cache session reads from the manifest's model
+SAMPLERS = ("llada",)  # sampler families the runtime drives
 
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     directory: Path
-    graph: str
+    architecture: str
+    sampler: str
+    graphs: dict[str, str]  # graph kind -> file
+    sizes: ModelSizes
     dtype: str
     opset: int
-    vocab_size: int
-    max_sequence_length: int
     ids: dict[str, int]
-    inputs: tuple[str, ...] = INPUT_NAMES
-    outputs: tuple[str, ...] = OUTPUT_NAMES
     chat_template: str | None = None
     fusion: str = "none"
-    cache_graph: str | None = None
     variant: str = "exact"
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
+    def graph(self) -> str:
+        """The full-forward graph's file."""
+        return self.graphs["forward"]
+
+    @property
+    def cache_graph(self) -> str | None:
+        """The KV-cache graph's file, if the export has one."""
+        return self.graphs.get("kv_cache")
+
+    @property
     def graph_path(self) -> Path:
         return self.directory / self.graph
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sizes.vocab_size
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.sizes.max_sequence_length
 
     def id(self, name: str) -> int:
         return self.ids[name]
@@ -65,24 +76,23 @@ class Manifest:
                     f"`llada-onnx export {path} OUTPUT_DIR`." if (path / "config.json").is_file() else "")
             raise NotAnExportError(f"{path} is not a llada-onnx export: {MANIFEST_FILE} is missing.{hint}")
         raw = fields.read_object(file, NotAnExportError, "re-export")
-        err, where = NotAnExportError, f"{file}"
+        err, where = NotAnExportError, str(file)
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise NotAnExportError(
                 f"{file}: format_version {version!r} is not supported by this llada-onnx "
                 f"(expects {FORMAT_VERSION}); re-export the checkpoint with this version")
-        vocab_size = fields.integer(raw, "vocab_size", where, err)
-        special = raw.get("special_ids")
-        if not isinstance(special, dict):
-            raise NotAnExportError(f"{where}: special_ids must be an object of token ids, got {special!r}")
-        ids = {k: fields.integer(special, k, f"{where}: special_ids", err, minimum=0, below=vocab_size)
+        sizes = _object(raw, "sizes", where)
+        sizes = ModelSizes(**{f.name: fields.integer(sizes, f.name, f"{where}: sizes", err)
+                              for f in dataclasses.fields(ModelSizes)})
+        special = _object(raw, "special_ids", where)
+        ids = {k: fields.integer(special, k, f"{where}: special_ids", err, minimum=0, below=sizes.vocab_size)
                for k in ID_FIELDS}
-        names = {}
-        for key in ("inputs", "outputs"):
-            value = raw.get(key)
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise NotAnExportError(f"{where}: {key} must be a list of graph names, got {value!r}")
-            names[key] = tuple(value)
+        graphs = _object(raw, "graphs", where)
+        unknown = sorted(set(graphs) - set(GRAPH_KINDS))
+        if unknown or "forward" not in graphs:
+            raise NotAnExportError(f"{where}: graphs must name a forward graph and only kinds of "
+                                   f"{', '.join(GRAPH_KINDS)}, got {sorted(graphs)}; re-export")
         chat_template = raw.get("chat_template")
         if chat_template is not None:
             if not isinstance(chat_template, str):
@@ -90,30 +100,29 @@ class Manifest:
             compile_chat_template(chat_template)
         m = cls(
             directory=path,
-            graph=_file_name(raw, "graph", where),
+            architecture=fields.string(raw, "architecture", where, err),
+            sampler=fields.string(raw, "sampler", where, err, choices=SAMPLERS),
+            graphs={kind: _file_name(graphs, kind, f"{where}: graphs") for kind in graphs},
+            sizes=sizes,
             dtype=fields.string(raw, "dtype", where, err, choices=DTYPES),
             opset=fields.integer(raw, "opset", where, err),
-            vocab_size=vocab_size,
-            max_sequence_length=fields.integer(raw, "max_sequence_length", where, err),
             ids=ids,
-            inputs=names["inputs"],
-            outputs=names["outputs"],
             chat_template=chat_template,
             fusion=fields.string(raw, "fusion", where, err, choices=FUSIONS, default="none"),
-            cache_graph=_file_name(raw, "cache_graph", where) if raw.get("cache_graph") is not None else None,
             variant=fields.string(raw, "variant", where, err, default="exact"),
             raw=raw,
         )
-        if m.cache_graph:
-            model = raw.get("model")
-            if not isinstance(model, dict):
-                raise NotAnExportError(f"{where}: model must be an object of the model's sizes, got {model!r}")
-            for key in CACHE_SIZES:
-                fields.integer(model, key, f"{where}: model", err)
-        for graph in filter(None, (m.graph, m.cache_graph)):
+        for graph in m.graphs.values():
             if not (path / graph).is_file():
                 raise NotAnExportError(f"{path}: the graph file {graph} named in {MANIFEST_FILE} is missing")
         return m
+
+
+def _object(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        raise NotAnExportError(f"{where}: {key} must be a JSON object, got {value!r}; re-export")
+    return value
 
 
 def _file_name(raw: dict[str, Any], key: str, where: str) -> str:
@@ -124,19 +133,18 @@ def _file_name(raw: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_sequence_length: int,
-                  ids: dict[str, int], chat_template: str | None, model: dict[str, Any],
+def manifest_dict(*, architecture: str, sampler: str, graphs: dict[str, str], sizes: ModelSizes, dtype: str,
+                  opset: int, ids: dict[str, int], chat_template: str | None, model: dict[str, Any],
                   provenance: dict[str, Any], variant: str = "exact", fusion: str = "none",
-                  fusions: dict[str, int] | None = None, cache_graph: str | None = None,
-                  quantization: dict[str, Any] | None = None,
+                  fusions: dict[str, int] | None = None, quantization: dict[str, Any] | None = None,
                   quantized_ops: dict[str, int] | None = None) -> dict[str, Any]:
-    """The JSON the exporter writes (see the module docstring for the I/O contract)."""
+    """The JSON the exporter writes."""
     return {
         "format_version": FORMAT_VERSION,
-        "graph": graph,
-        "external_data": graph + ".data",
-        "inputs": list(INPUT_NAMES),
-        "outputs": list(OUTPUT_NAMES),
+        "architecture": architecture,  # config.json's architectures[0]
+        "sampler": sampler,  # the sampler family that drives the graphs
+        "graphs": graphs,  # graph kind (runtime/contract.py) -> file
+        "external_data": graphs["forward"] + ".data",  # the weights, shared by every graph
         "dtype": dtype,
         "opset": opset,
         "variant": variant,  # "exact" (float weights), or the quantization: "int8", "int4-b32", ...
@@ -144,11 +152,9 @@ def manifest_dict(*, graph: str, dtype: str, opset: int, vocab_size: int, max_se
         "quantized_ops": quantized_ops or {},
         "fusion": fusion,  # "none": standard ONNX ops only; "ort": onnxruntime contrib ops (CPU, CUDA)
         "fusions": fusions or {},
-        "cache_graph": cache_graph,  # the block-wise KV-cache graph (export/graph.py CachedSamplerGraph), or null
-        "vocab_size": vocab_size,
-        "max_sequence_length": max_sequence_length,
+        "sizes": dataclasses.asdict(sizes),
         "special_ids": {k: ids[k] for k in ID_FIELDS},
         "chat_template": chat_template,
-        "model": model,
+        "model": model,  # the architecture's own description (informative)
         "provenance": provenance,
     }

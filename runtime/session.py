@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
+from .contract import FORWARD, GraphKind
 from .errors import LladaOnnxError, NotAnExportError
 from .manifest import Manifest
 
@@ -81,41 +82,42 @@ class GraphSession:
         self.session, self.provider = open_session(manifest.graph_path, provider, device_id=device_id,
                                                    threads=threads, session_options=session_options,
                                                    allow_fallback=allow_fallback)
-        names_in = tuple(i.name for i in self.session.get_inputs())
-        names_out = tuple(o.name for o in self.session.get_outputs())
-        if set(names_in) != set(manifest.inputs) or not set(manifest.outputs) <= set(names_out):
-            raise NotAnExportError(
-                f"{manifest.directory}: the graph's inputs {names_in} / outputs {names_out} do not match "
-                f"llada_onnx.json ({manifest.inputs} / {manifest.outputs}); the manifest is stale, re-export")
-        self._in = dict(zip(("input_ids", "attention_mask", "positions"), manifest.inputs))
-        self._out = dict(zip(("logits", "top_ids", "top_prob"), manifest.outputs))
+        check_graph(self.session, FORWARD, manifest.sizes.n_layers, manifest.graph_path)
         self._device = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(self.provider)
         self._device_id = device_id
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
             *, logits: bool = False) -> StepOutput:
-        feeds = {self._in["input_ids"]: input_ids, self._in["attention_mask"]: attention_mask,
-                 self._in["positions"]: positions}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
         cuda = self._device_id if self._device == "cuda" else None
-        return run_step(self.session, feeds, logits=logits, cuda_device=cuda, names=self._out)[0]
+        return run_step(self.session, feeds, logits=logits, cuda_device=cuda)[0]
+
+
+def check_graph(session: ort.InferenceSession, kind: GraphKind, n_layers: int, path: Path) -> None:
+    """The loaded graph has exactly the inputs and outputs the contract gives its kind."""
+    names_in = tuple(i.name for i in session.get_inputs())
+    names_out = tuple(o.name for o in session.get_outputs())
+    if set(names_in) != set(kind.input_names(n_layers)) or set(names_out) != set(kind.output_names(n_layers)):
+        raise NotAnExportError(
+            f"{path}: its inputs {list(names_in)[:6]} / outputs {list(names_out)[:6]} are not those of a "
+            f"{kind.name} graph of this llada-onnx (runtime/contract.py); re-export")
 
 
 def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, logits: bool, cuda_device: int | None,
-             names: dict[str, str] | None = None, kept_inputs: dict[str, Any] | None = None,
+             kept_inputs: dict[str, Any] | None = None,
              kept_outputs: tuple[str, ...] = (), into: list[Any] | None = None,
              run_options: ort.RunOptions | None = None) -> tuple[StepOutput, list[Any]]:
     """One call of a sampler graph; returns its summaries and the ``kept_outputs``.
 
-    ``names`` maps logits/top_ids/top_prob to the graph's names. On CUDA (``cuda_device``) the call goes through
+    On CUDA (``cuda_device``) the call goes through
     IOBinding: ``top_ids``/``top_prob`` come to the host, ``logits`` only when asked for, and ``kept_outputs``
     stay on the device as OrtValues (written ``into`` the given device buffers, if any), which is also what
     ``kept_inputs`` (state fed back, e.g. a KV cache) must be there. On the CPU both are numpy arrays, passed
     without copies.
     """
-    names = names or {"logits": "logits", "top_ids": "top_ids", "top_prob": "top_prob"}
     kept_inputs = kept_inputs or {}
     if cuda_device is None:
-        wanted = [names["top_ids"], names["top_prob"], *kept_outputs] + ([names["logits"]] if logits else [])
+        wanted = ["top_ids", "top_prob", *kept_outputs] + (["logits"] if logits else [])
         outs = session.run(wanted, {**feeds, **kept_inputs}, run_options)
         kept = outs[2:2 + len(kept_outputs)]
         full = outs[-1].astype(np.float32, copy=False) if logits else None
@@ -127,14 +129,14 @@ def run_step(session: ort.InferenceSession, feeds: dict[str, np.ndarray], *, log
         if not isinstance(value, ort.OrtValue):
             raise TypeError(f"{name} on CUDA must be the OrtValue an earlier call returned")
         binding.bind_ortvalue_input(name, value)
-    binding.bind_output(names["top_ids"], "cpu")
-    binding.bind_output(names["top_prob"], "cpu")
+    binding.bind_output("top_ids", "cpu")
+    binding.bind_output("top_prob", "cpu")
     for i, name in enumerate(kept_outputs):
         if into is None:
             binding.bind_output(name, "cuda", cuda_device)
         else:
             binding.bind_ortvalue_output(name, into[i])
-    binding.bind_output(names["logits"], "cpu" if logits else "cuda", 0 if logits else cuda_device)
+    binding.bind_output("logits", "cpu" if logits else "cuda", 0 if logits else cuda_device)
     session.run_with_iobinding(binding, run_options)
     outs = binding.get_outputs()  # in binding order
     full = outs[-1].numpy().astype(np.float32, copy=False) if logits else None

@@ -29,7 +29,7 @@ def test_reads_the_real_8b_config_and_ids():
     assert cfg.rope_theta == 500000.0 and cfg.rms_norm_eps == 1e-5 and not cfg.weight_tying
     assert cfg.special_ids() == {"mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081,
                                  "bos_token_id": 126080, "eot_token_id": 126348}
-    from llada_onnx.export import parameter_count
+    from llada_onnx.models.llada import parameter_count
     assert parameter_count(cfg) == 8_015_581_184  # LLADA.md: the 8B checkpoint's parameter count
 
 

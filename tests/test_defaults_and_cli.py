@@ -151,10 +151,9 @@ def _mutate(raw: dict, data) -> dict:
     raw = json.loads(json.dumps(raw))
     for _ in range(data.draw(st.integers(1, 3))):
         target = raw
-        if data.draw(st.booleans()) and isinstance(raw.get("special_ids"), dict):
-            target = raw["special_ids"]
-        elif data.draw(st.booleans()) and isinstance(raw.get("model"), dict):
-            target = raw["model"]
+        nested = data.draw(st.sampled_from([None, "special_ids", "sizes", "graphs", "model"]))
+        if nested and isinstance(raw.get(nested), dict):
+            target = raw[nested]
         key = data.draw(st.sampled_from(sorted(target) or ["x"]))
         if data.draw(st.booleans()):
             target.pop(key, None)

@@ -11,6 +11,7 @@ import torch
 
 from llada_onnx.export import ExportError, ValidationError, export
 from llada_onnx.models import LLaDAModel
+from llada_onnx.runtime.contract import FORWARD
 from llada_onnx.runtime.manifest import MANIFEST_FILE, Manifest
 
 
@@ -72,6 +73,7 @@ def test_manifest_round_trips(tiny_onnx, tiny_ckpt):
     m = Manifest.load(tiny_onnx)
     raw = json.loads((tiny_onnx / MANIFEST_FILE).read_text())
     assert m.graph == "model.onnx" and m.dtype == "fp32" and m.opset == 20
+    assert (m.architecture, m.sampler, m.graphs) == ("LLaDAModelLM", "llada", {"forward": "model.onnx"})
     assert m.vocab_size == 126464 and m.max_sequence_length == 4096
     assert m.ids == {"mask_token_id": 126336, "eos_token_id": 126081, "eot_token_id": 126348,
                      "bos_token_id": 126080, "pad_token_id": 126081}
@@ -82,8 +84,8 @@ def test_manifest_round_trips(tiny_onnx, tiny_ckpt):
     report = json.loads((tiny_onnx / "validation.json").read_text())
     assert report["top_ids_agreement"] == 1.0 and report["logits_max_abs_diff"] < report["logits_tolerance"]
     onnx_model = onnx.load(str(tiny_onnx / "model.onnx"), load_external_data=False)
-    assert [i.name for i in onnx_model.graph.input] == list(m.inputs)
-    assert [o.name for o in onnx_model.graph.output] == list(m.outputs)
+    assert [i.name for i in onnx_model.graph.input] == list(FORWARD.input_names(2))
+    assert [o.name for o in onnx_model.graph.output] == list(FORWARD.output_names(2))
 
 
 def test_errors(tmp_path, tiny_ckpt):

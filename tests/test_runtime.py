@@ -8,8 +8,10 @@ import textwrap
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 
 from llada_onnx.models.sampler import generate
 from llada_onnx.runtime import NotAnExportError, Pipeline, ProviderUnavailableError
@@ -248,13 +250,22 @@ def test_bad_input_messages(pipeline, tiny_onnx, tiny_ckpt, tmp_path):
         os.symlink(f, stale / f.name)
     (stale / "llada_onnx.json").unlink()
     raw = json.loads((tiny_onnx / "llada_onnx.json").read_text())
-    raw["inputs"] = ["ids", "attention_mask", "positions"]
-    (stale / "llada_onnx.json").write_text(json.dumps(raw))
-    with pytest.raises(NotAnExportError, match="stale"):
+    (stale / "llada_onnx.json").write_text(json.dumps(dict(raw, format_version=1)))
+    with pytest.raises(NotAnExportError, match="format_version 1 is not supported.*re-export"):
         Pipeline.from_pretrained(stale)
-    (stale / "tokenizer.json").unlink()
-    raw["inputs"] = ["input_ids", "attention_mask", "positions"]
     (stale / "llada_onnx.json").write_text(json.dumps(raw))
+    (stale / "model.onnx").unlink()
+    names = ["ids", "attention_mask", "positions"]  # not the contract's input names
+    graph = helper.make_graph([helper.make_node("Identity", ["ids"], ["top_ids"])], "other",
+                              [helper.make_tensor_value_info(n, TensorProto.INT64, None) for n in names],
+                              [helper.make_tensor_value_info("top_ids", TensorProto.INT64, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9),
+              str(stale / "model.onnx"))
+    with pytest.raises(NotAnExportError, match="not those of a forward graph.*re-export"):
+        Pipeline.from_pretrained(stale)
+    (stale / "model.onnx").unlink()
+    os.symlink(tiny_onnx / "model.onnx", stale / "model.onnx")
+    (stale / "tokenizer.json").unlink()
     no_tok = Pipeline.from_pretrained(stale)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         no_tok.generate("the king")

@@ -184,16 +184,16 @@ def _ids(export: Path, **changes) -> dict:
 
 
 @pytest.mark.parametrize("case", ["tokenizer.json", "tokenizer_config.json", "manifest list", "graph 123",
-                                  "chat_template 5", "template syntax", "model {} with the cache",
+                                  "chat_template 5", "template syntax", "sizes {}",
                                   "mask id above vocabulary", "negative mask id", "float mask id",
                                   "truncated weights", "missing weights"])
 def test_a_bad_export_is_one_line(export_copy, case):
-    extra = ["--cache", "dual"] if case == "model {} with the cache" else []
+    extra = ["--cache", "dual"] if case == "sizes {}" else []
     needle = {
         "tokenizer.json": "tokenizer.json is damaged", "tokenizer_config.json": "tokenizer_config.json is not valid",
-        "manifest list": "must hold a JSON object", "graph 123": "graph must be the name of a file",
+        "manifest list": "must hold a JSON object", "graph 123": "graphs: forward must be the name of a file",
         "chat_template 5": "chat_template must be a string", "template syntax": "chat template has a syntax error",
-        "model {} with the cache": "model: required field d_model", "mask id above vocabulary": "mask_token_id",
+        "sizes {}": "sizes: required field n_layers", "mask id above vocabulary": "mask_token_id",
         "negative mask id": "mask_token_id must be in [0,", "float mask id": "mask_token_id must be an integer",
         "truncated weights": "damaged or incomplete", "missing weights": "damaged or incomplete",
     }[case]
@@ -202,13 +202,13 @@ def test_a_bad_export_is_one_line(export_copy, case):
     elif case == "manifest list":
         (export_copy / MANIFEST_FILE).write_text("[]")
     elif case == "graph 123":
-        _edit_manifest(export_copy, graph=123)
+        _edit_manifest(export_copy, graphs={"forward": 123})
     elif case == "chat_template 5":
         _edit_manifest(export_copy, chat_template=5)
     elif case == "template syntax":
         _edit_manifest(export_copy, chat_template="{% for m in messages %}{{ m.content }")
-    elif case == "model {} with the cache":
-        _edit_manifest(export_copy, model={})
+    elif case == "sizes {}":
+        _edit_manifest(export_copy, sizes={})
     elif case == "truncated weights":
         data = export_copy / "model.onnx.data"
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])

@@ -1,0 +1,110 @@
+"""The graph contract: every graph an export holds, its inputs and outputs, and the model sizes the runtime needs.
+
+The exporter traces graphs with exactly these names and the runtime binds exactly these names; both import them
+from here. Changing a graph's inputs, outputs or meaning is a new :data:`FORMAT_VERSION`: the runtime refuses
+exports of another version with "re-export" rather than guessing from the names a graph happens to have.
+
+Dimensions: ``batch``; ``length`` (the whole canvas, prompt + generation); ``count`` (the positions whose
+predictions are wanted: the sampler asks for the masked positions it can commit, so the vocabulary-sized head
+runs on those rows only); ``fed`` (the tokens a KV-cached call runs); ``past`` (cached positions ``[0, past)``).
+"graph" as a dtype is the export's float type (fp32 or fp16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+FORMAT_VERSION = 2
+MANIFEST_FILE = "llada_onnx.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # "int64", "float32", or "graph" (the export's float type)
+    shape: tuple[str, ...]
+    meaning: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphKind:
+    """One kind of graph an export may hold. ``per_layer_inputs``/``per_layer_outputs`` are name patterns with
+    ``{i}`` for the layer index, repeated for every layer after the fixed tensors."""
+
+    name: str  # the key in the manifest's "graphs"
+    file: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    per_layer_inputs: tuple[Tensor, ...] = ()
+    per_layer_outputs: tuple[Tensor, ...] = ()
+    meaning: str = ""
+
+    def input_names(self, n_layers: int) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs) + self.layer_input_names(n_layers)
+
+    def output_names(self, n_layers: int) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs) + self.layer_output_names(n_layers)
+
+    def layer_input_names(self, n_layers: int) -> tuple[str, ...]:
+        return _layer_names(self.per_layer_inputs, n_layers)
+
+    def layer_output_names(self, n_layers: int) -> tuple[str, ...]:
+        return _layer_names(self.per_layer_outputs, n_layers)
+
+
+def _layer_names(tensors: tuple[Tensor, ...], n_layers: int) -> tuple[str, ...]:
+    return tuple(t.name.format(i=i) for i in range(n_layers) for t in tensors)
+
+
+SUMMARIES = (
+    Tensor("logits", "graph", ("batch", "count", "vocab"), "the LM head's logits at the asked positions"),
+    Tensor("top_ids", "int64", ("batch", "count"), "argmax of the logits, the first index on ties"),
+    Tensor("top_prob", "float32", ("batch", "count"), "softmax probability of top_ids, computed stably"),
+)
+
+FORWARD = GraphKind(
+    name="forward", file="model.onnx",
+    meaning="the mask predictor over the whole canvas (bidirectional attention, padded keys masked)",
+    inputs=(
+        Tensor("input_ids", "int64", ("batch", "length"), "the canvas: prompt, committed and mask tokens"),
+        Tensor("attention_mask", "int64", ("batch", "length"), "1 = token, 0 = left padding"),
+        Tensor("positions", "int64", ("batch", "count"), "canvas positions whose predictions are wanted"),
+    ),
+    outputs=SUMMARIES,
+)
+
+KV_CACHE = GraphKind(
+    name="kv_cache", file="cache.onnx",
+    meaning="block-wise KV caching (Fast-dLLM): with an empty past, the whole canvas fed is a refresh whose "
+            "presents are the new cache; the current block (dual) or everything from it on (prefix) fed against "
+            "a past of the whole canvas is a cached step, attending to the cache for every other position",
+    inputs=(
+        Tensor("input_ids", "int64", ("batch", "fed"), "the fed tokens"),
+        Tensor("attention_mask", "int64", ("batch", "length"), "the whole canvas's padding mask"),
+        Tensor("positions", "int64", ("batch", "fed"), "where the fed tokens stand in the canvas"),
+        Tensor("head_index", "int64", ("batch", "count"), "which fed tokens to predict"),
+    ),
+    per_layer_inputs=(
+        Tensor("past_keys_{i}", "graph", ("batch", "n_kv_heads", "past", "head_dim"), "post-RoPE cached keys"),
+        Tensor("past_values_{i}", "graph", ("batch", "n_kv_heads", "past", "head_dim"), "cached values"),
+    ),
+    outputs=SUMMARIES,
+    per_layer_outputs=(
+        Tensor("present_keys_{i}", "graph", ("batch", "n_kv_heads", "fed", "head_dim"), "the fed tokens' keys"),
+        Tensor("present_values_{i}", "graph", ("batch", "n_kv_heads", "fed", "head_dim"), "their values"),
+    ),
+)
+
+GRAPH_KINDS = {kind.name: kind for kind in (FORWARD, KV_CACHE)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSizes:
+    """What the runtime needs to know of the model: to shape caches and buffers, never to rebuild it."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_sequence_length: int
