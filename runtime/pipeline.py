@@ -23,10 +23,9 @@ from .text import Prompts, TextCodec
 class Pipeline:
     """One onnxruntime session and one tokenizer for an exported LLaDA model; build once, generate many times."""
 
-    def __init__(self, graph: GraphSession, *, cuda_graphs: bool = True, **session_kwargs: Any):
+    def __init__(self, graph: GraphSession, *, cuda_graphs: bool = True):
         self.graph = graph
         self.manifest = graph.manifest
-        self._session_kwargs = session_kwargs  # for the KV-cache graph, opened on first use
         self._cuda_graphs = cuda_graphs
 
     @classmethod
@@ -41,14 +40,15 @@ class Pipeline:
         ``cuda_graphs``: on CUDA, replay KV-cached steps as CUDA graphs (see :mod:`.captured_steps`).
         """
         manifest = Manifest.load(default_onnx_dir() if onnx_dir is None else onnx_dir)
-        kwargs = dict(device_id=device_id, threads=threads, session_options=session_options,
-                      allow_fallback=allow_fallback)
-        return cls(GraphSession(manifest, provider, **kwargs), provider=provider, cuda_graphs=cuda_graphs, **kwargs)
+        graph = GraphSession(manifest, provider, device_id=device_id, threads=threads,
+                             session_options=session_options, allow_fallback=allow_fallback)
+        return cls(graph, cuda_graphs=cuda_graphs)
 
     @cached_property
     def kv_cache(self) -> KVCacheSession:
-        """The export's KV-cache graph (``--cache`` exports), opened on first use with the same provider."""
-        return KVCacheSession(self.manifest, cuda_graphs=self._cuda_graphs, **self._session_kwargs)
+        """The export's KV-cache graph (``--cache`` exports), opened on first use the way the forward graph was
+        (provider, device, threads, options), however the Pipeline was built."""
+        return KVCacheSession(self.manifest, cuda_graphs=self._cuda_graphs, **self.graph.opened_with)
 
     @cached_property
     def codec(self) -> TextCodec:

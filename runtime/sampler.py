@@ -1,9 +1,14 @@
-"""The official LLaDA sampler in NumPy, driving an exported graph (token-exact with the torch reference).
+"""The official LLaDA sampler in NumPy, driving exported graphs (token-exact with the torch reference).
 
-Per step it asks the graph only for the positions that can be committed (the masked ones of the current block).
-On the greedy ``low_confidence`` path the graph's ``top_ids``/``top_prob`` are all it needs; ``logits`` of those
-positions are fetched only when a setting needs them (temperature > 0, CFG, EOS/EoT suppression), and float64 is
-used only for the Gumbel-max over them, as upstream does.
+Each step runs three phases, each its own module with its own tests:
+
+1. the *model call* (:mod:`.model_calls`): predictions for the positions the step can commit, from a full
+   forward or a KV-cached one;
+2. the *proposal* (:mod:`.proposal`): a token and a confidence per predicted position;
+3. the *commit rule* (:mod:`.policies`): how many of each row's most confident proposals become final.
+
+Per step the graphs are asked only for the masked positions of the current window, so the vocabulary-sized head
+never runs on committed tokens, and on the greedy path no vocabulary-sized tensor reaches the host.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import numpy as np
 
 from .errors import InputError
 from .kv_cache import KVCacheSession
+from .model_calls import CachedForward, FullForward, ModelCall
 from .noise import Noise
-from .policies import factor_count, threshold_count
+from .policies import CommitRule, commit_rule
+from .proposal import LLaDAProposal, Proposal
 from .session import GraphSession
-from .settings import SamplerSettings, suppressed_confidence_ids, window_start
+from .settings import SamplerSettings, window_start
 
 
 @dataclass
@@ -32,23 +39,10 @@ class StepInfo:
     canvas: np.ndarray  # [batch, prompt + gen] int64, the live canvas (copy it to keep it)
     committed: list[np.ndarray]  # per row, the canvas positions committed in this step
     prompt_length: int
+    model_seconds: float  # the step's time inside onnxruntime (the rest of the step is the sampler's own)
 
 
 Callback = Callable[[StepInfo], Optional[bool]]
-
-
-def transfer_schedule(masked: np.ndarray, steps: int) -> np.ndarray:
-    """``[batch, steps]`` token counts: ``n // steps`` each, the first ``n % steps`` steps one more."""
-    base, remainder = np.divmod(masked.astype(np.int64), steps)
-    return base[:, None] + (np.arange(steps)[None, :] < remainder[:, None])
-
-
-def softmax_at(logits: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``softmax(logits, -1)[..., index]`` in float32, without materialising the whole softmax twice."""
-    top = logits.max(axis=-1, keepdims=True)
-    exp = np.exp(logits - top)
-    picked = np.take_along_axis(exp, index[..., None], axis=-1)[..., 0]
-    return (picked / exp.sum(axis=-1)).astype(np.float32)
 
 
 def generate_ids(
@@ -63,16 +57,28 @@ def generate_ids(
 ) -> np.ndarray:
     """Run the sampler; returns the canvas ``[batch, prompt_len + gen_length]`` (int64).
 
-    With ``settings.cache`` other than "none", steps run on ``cache_graph``: a refresh at each block's first step
-    (and every ``refresh_every`` steps), cached steps in between.
+    With ``settings.cache`` other than "none", steps run on ``cache_graph`` (see :class:`CachedForward`).
     """
     if settings.cache != "none" and cache_graph is None:
         raise InputError(f"`cache` {settings.cache} needs the export's KV-cache graph (export with --cache)")
     m = graph.manifest
-    mask_id, eos_id, eot_id = m.id("mask_token_id"), m.id("eos_token_id"), m.id("eot_token_id")
+    mask_id = m.id("mask_token_id")
     prompt = np.asarray(prompt, dtype=np.int64)
     settings.check_request(prompt, attention_mask, mask_id=mask_id, pad_id=m.id("pad_token_id"),
                            max_length=m.max_sequence_length)
+    call: ModelCall = (FullForward(graph) if settings.cache == "none"
+                       else CachedForward(cache_graph, settings.cache, settings.refresh_every))
+    proposal = LLaDAProposal(settings, noise, batch=prompt.shape[0], eos_id=m.id("eos_token_id"),
+                             eot_id=m.id("eot_token_id"))
+    return run_sampler(call, proposal, commit_rule(settings), prompt, attention_mask, settings, mask_id=mask_id,
+                       stop_ids=(m.id("eos_token_id"), m.id("eot_token_id")), pad_id=m.id("pad_token_id"),
+                       callback=callback)
+
+
+def run_sampler(call: ModelCall, proposal: Proposal, rule: CommitRule, prompt: np.ndarray,
+                attention_mask: np.ndarray | None, settings: SamplerSettings, *, mask_id: int,
+                stop_ids: tuple[int, int], pad_id: int, callback: Callback | None = None) -> np.ndarray:
+    """The block-and-step loop over the three phases (see the module docstring)."""
     s = settings
     batch, prompt_len = prompt.shape
     x = np.full((batch, prompt_len + s.gen_length), mask_id, dtype=np.int64)
@@ -84,17 +90,14 @@ def generate_ids(
     cfg = s.cfg_scale > 0
     if cfg:
         am = np.concatenate([am, am])
-    suppressed = list(suppressed_confidence_ids(s, eos_id=eos_id, eot_id=eot_id))
-    need_logits = s.temperature > 0 or cfg or s.logits_eos_inf or bool(suppressed)
-    rows = np.arange(batch)
 
     step = 0
     for block in range(s.num_blocks):
         block_start = prompt_len + block * s.block_length
         block_end = block_start + s.block_length
-        schedule = transfer_schedule((x[:, block_start:block_end] == mask_id).sum(axis=1), s.steps_per_block)
+        rule.start_block((x[:, block_start:block_end] == mask_id).sum(axis=1))
         for i in itertools.count():
-            if (not s.parallel and i == s.steps_per_block) or (s.parallel and not (x[:, :block_end] == mask_id).any()):
+            if rule.block_done(i, bool((x[:, :block_end] == mask_id).any())):
                 break
             lo = window_start(x, mask_id, block_start)
             # Only the window's masked positions can be committed: the graph predicts those alone (in canvas order,
@@ -105,57 +108,23 @@ def generate_ids(
             positions = lo + order
             feed = np.concatenate([x, np.where(prompt_index, mask_id, x)]) if cfg else x
             fed_positions = np.concatenate([positions, positions]) if cfg else positions
-            if s.cache == "none":
-                out = graph.run(feed, am, fed_positions, logits=need_logits)
-            elif i == 0 or (s.refresh_every and i % s.refresh_every == 0):
-                out, kv = cache_graph.refresh(feed, am, fed_positions, logits=need_logits)
-            else:
-                fed_end = block_end if s.cache == "dual" else feed.shape[1]
-                out = cache_graph.step(feed, am, lo, fed_end, fed_positions, kv, logits=need_logits)
-
-            if need_logits:
-                logits = out.logits
-                if cfg:
-                    cond, uncond = logits[:batch], logits[batch:]
-                    logits = uncond + (s.cfg_scale + 1) * (cond - uncond)
-                if s.logits_eos_inf:
-                    logits[..., eos_id] = -np.inf
-                if s.temperature > 0:
-                    u = noise.gumbel_uniforms((batch, window.shape[1], logits.shape[-1]))  # drawn for the window
-                    u = np.take_along_axis(u, order[..., None], axis=1)
-                    x0 = np.argmax(np.exp(logits.astype(np.float64)) / (-np.log(u)) ** s.temperature, axis=-1)
-                else:
-                    x0 = np.argmax(logits, axis=-1)
-                if s.remasking == "low_confidence":
-                    if suppressed:
-                        logits[..., suppressed] = -np.inf
-                    confidence = softmax_at(logits, x0)
-            else:
-                x0, confidence = out.top_ids, out.top_prob
-            if s.remasking == "random":
-                confidence = np.take_along_axis(noise.remask_uniforms(window.shape), order, axis=1)
+            out = call(feed, am, fed_positions, step=i, window_start=lo, block_end=block_end,
+                       logits=proposal.needs_logits)
+            x0, confidence = proposal(out, order, window.shape[1])
 
             confidence = np.where(masked, confidence, -np.inf)
             committed = []
-            for j in rows:
+            for j in range(batch):
                 ranked = np.argsort(-confidence[j], kind="stable")
-                k = commit_count(confidence[j, ranked[:masked[j].sum()]], s) if s.parallel else int(schedule[j, i])
-                chosen = ranked[:k]
+                chosen = ranked[:rule.count(j, i, confidence[j, ranked[:masked[j].sum()]])]
                 x[j, positions[j, chosen]] = x0[j, chosen]
                 committed.append(positions[j, chosen])
             if callback is not None:
-                info = StepInfo(block, step, None if s.parallel else s.steps, x, committed, prompt_len)
+                info = StepInfo(block, step, rule.total_steps, x, committed, prompt_len, call.seconds)
                 if callback(info) is False:
                     return x
             step += 1
-        if s.early_stop and np.isin(x[:, prompt_len:block_end], (eos_id, eot_id)).any(axis=1).all():
-            x[:, block_end:] = m.id("pad_token_id")  # every row's text ends in a finished block: it is final
+        if s.early_stop and np.isin(x[:, prompt_len:block_end], stop_ids).any(axis=1).all():
+            x[:, block_end:] = pad_id  # every row's text ends in a finished block: it is final
             return x
     return x
-
-
-def commit_count(sorted_confidence: np.ndarray, settings: SamplerSettings) -> int:
-    """Tokens to commit in a row under the parallel rule of ``settings`` (confidences in descending order)."""
-    if settings.threshold is not None:
-        return threshold_count(sorted_confidence, settings.threshold)
-    return factor_count(sorted_confidence, settings.factor)

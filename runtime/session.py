@@ -79,6 +79,9 @@ class GraphSession:
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
                  allow_fallback: bool = False):
         self.manifest = manifest
+        # How the session was opened: the export's other graphs open the same way (see Pipeline.kv_cache).
+        self.opened_with = dict(provider=provider, device_id=device_id, threads=threads,
+                                session_options=session_options, allow_fallback=allow_fallback)
         self.session, self.provider = open_session(manifest.graph_path, provider, device_id=device_id,
                                                    threads=threads, session_options=session_options,
                                                    allow_fallback=allow_fallback)

@@ -6,7 +6,8 @@ import torch
 
 from llada_onnx.models.sampler import generate, get_num_transfer_tokens
 from llada_onnx.runtime.noise import Noise
-from llada_onnx.runtime.sampler import generate_ids as np_generate, transfer_schedule
+from llada_onnx.runtime.policies import transfer_schedule
+from llada_onnx.runtime.sampler import generate_ids as np_generate
 from llada_onnx.runtime.settings import SamplerSettings
 
 from vectors import (EOS, EOT, PAD, HAND_EXPECTED, HAND_EXPECTED_2, HAND_PROMPT, HAND_SETTINGS, HAND_SETTINGS_2, MASK,

@@ -277,10 +277,10 @@ def test_a_bug_is_a_traceback_not_a_usage_error(tmp_path, tiny_onnx):
     """Only the package's own errors are one-line usage errors; a RuntimeError from a bug keeps its traceback."""
     script = f"""
 import sys
-from llada_onnx.runtime import sampler
+from llada_onnx.runtime import policies
 def broken(*args, **kwargs):
     raise RuntimeError("a bug")
-sampler.transfer_schedule = broken
+policies.transfer_schedule = broken
 from llada_onnx.cli import main
 sys.exit(main(["generate", "--model", {str(tiny_onnx)!r}, "--prompt", "the king", "--gen-length", "4"]))
 """

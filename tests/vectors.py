@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from llada_onnx.runtime.manifest import ID_FIELDS
-from llada_onnx.runtime.sampler import softmax_at
+from llada_onnx.runtime.proposal import softmax_at
 from llada_onnx.runtime.session import StepOutput
 
 VOCAB, MASK, EOS, EOT, PAD, BOS = 12, 11, 10, 9, 10, 8
