@@ -25,7 +25,7 @@ from llada_onnx.runtime import Pipeline
 from llada_onnx.runtime.kv_cache import KVCacheSession
 
 from .report import pyplot, save_report, table
-from .run import machine, prepare_model
+from .harness import machine, prepare_model
 
 PROMPT, BLOCK = 64, 32
 

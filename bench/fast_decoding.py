@@ -25,7 +25,6 @@ import numpy as np
 from llada_onnx.runtime import Pipeline
 
 from .report import pyplot, save_report, table
-from .run import Clock
 
 PROMPTS = [  # opening lines of the held-out plays (Julius Caesar, Macbeth, Twelfth Night)
     "FLAVIUS.\nHence! home, you idle creatures, get you home:\nIs this a holiday?",
@@ -69,9 +68,6 @@ def continuation_loss(pipe: Pipeline, canvas: np.ndarray, prompt_len: int, seed:
 def run(gens: list[int], reps: int, policies: dict = POLICIES) -> dict:
     """``policies`` must include ``("exact", "none")``, the baseline of the speed-ups."""
     pipe = Pipeline.from_pretrained()
-    clock = Clock()  # time inside the model calls: what the speed-up would be if the sampler's own work were free
-    for owner, method in ((pipe.graph, "run"), (pipe.kv_cache, "refresh"), (pipe.kv_cache, "step")):
-        setattr(owner, method, clock.wrap(getattr(owner, method)))
     rows = []
     for gen in gens:
         samples = {name: {"wall": [], "model": [], "calls": [], "agree": [], "loss": []} for name in policies}
@@ -80,14 +76,15 @@ def run(gens: list[int], reps: int, policies: dict = POLICIES) -> dict:
             outputs, walls, models, calls = {}, {name: [] for name in policies}, {name: [] for name in policies}, {}
             for _ in range(reps):  # policies alternate within each repetition
                 for name, policy in policies.items():
-                    steps = []
-                    in_model = clock.seconds
+                    # time inside the model calls: what the speed-up would be if the sampler's own work were free
+                    in_model = []
                     start = time.perf_counter()
                     outputs[name] = pipe.generate_ids(ids, mask, gen_length=gen, steps=gen, block_length=32,
-                                                      callback=lambda info: steps.append(info.step), **policy)
+                                                      callback=lambda info: in_model.append(info.model_seconds),
+                                                      **policy)
                     walls[name].append(time.perf_counter() - start)
-                    models[name].append(clock.seconds - in_model)
-                    calls[name] = len(steps)
+                    models[name].append(sum(in_model))
+                    calls[name] = len(in_model)
             exact = outputs[("exact", "none")][0, ids.shape[1]:]
             for name in policies:
                 s = samples[name]

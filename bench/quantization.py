@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .report import pyplot, save_report, table
-from .run import machine, model_checkpoint
+from .harness import machine, model_checkpoint
 
 PROMPT, GEN, BLOCK = 64, 256, 32
 

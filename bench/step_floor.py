@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .cache_step import BLOCK, PROMPT, timed
 from .report import pyplot, save_report, table
-from .run import machine
+from .harness import machine
 
 
 def _graphed(fn, device: str):
