@@ -139,12 +139,7 @@ class LLaDAConfig:
     def from_pretrained(cls, checkpoint_dir: str | Path) -> "LLaDAConfig":
         """Read ``config.json`` plus the special ids of ``generation_config.json`` and ``tokenizer_config.json``."""
         path = Path(checkpoint_dir)
-        if not path.is_dir():
-            raise CheckpointNotFoundError(f"checkpoint directory not found: {path}")
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointNotFoundError(f"{path} has no config.json: not a Hugging Face LLaDA checkpoint directory")
-        raw = _read_json(cfg_file)
+        cfg_file, raw = read_config_json(path)
         gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
             if raw.get(key) is None and isinstance(gen.get(key), int):
@@ -206,6 +201,17 @@ def token_id_by_text(tokenizer_config: dict[str, Any], text: str) -> int | None:
 def _refuse(raw: dict[str, Any], source: str, field: str, bad, why: str) -> None:
     if field in raw and bad(raw[field]):
         raise UnsupportedConfigError(f"{source}: unsupported {field}={raw[field]!r}: {why}")
+
+
+def read_config_json(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint directory's ``config.json``: its path and its object."""
+    if not checkpoint_dir.is_dir():
+        raise CheckpointNotFoundError(f"checkpoint directory not found: {checkpoint_dir}")
+    file = checkpoint_dir / "config.json"
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"{checkpoint_dir} has no config.json: not a Hugging Face LLaDA checkpoint "
+                                      "directory")
+    return file, _read_json(file)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

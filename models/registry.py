@@ -13,9 +13,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from ..runtime import json_fields as fields
 from ..runtime.contract import GRAPH_KINDS, ModelSizes
-from .config import CheckpointError, CheckpointNotFoundError, UnsupportedConfigError
+from .config import UnsupportedConfigError, read_config_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +71,8 @@ def architecture_of(raw: dict[str, Any], source: str = "config.json") -> Archite
 def read_checkpoint_config(checkpoint_dir: str | Path) -> tuple[Architecture, Any]:
     """The architecture and config of a checkpoint directory."""
     path = Path(checkpoint_dir)
-    if not path.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint directory not found: {path}")
-    file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointNotFoundError(f"{path} has no config.json: not a Hugging Face LLaDA checkpoint directory")
-    architecture = architecture_of(fields.read_object(file, CheckpointError, "download the checkpoint's file again"),
-                                   str(file))
+    file, raw = read_config_json(path)
+    architecture = architecture_of(raw, str(file))
     return architecture, architecture.config.from_pretrained(path)
 
 
