@@ -28,5 +28,5 @@ def compile_chat_template(source: str):
     try:
         return env.from_string(source)
     except TemplateSyntaxError as e:
-        raise NotAnExportError(f"the chat template has a syntax error at line {e.lineno}: {e.message}; fix "
+        raise NotAnExportError(f"the chat template has a syntax error at line {e.lineno}: {str(e.message).rstrip('.')}; fix "
                                "chat_template in the export's llada_onnx.json or re-export") from None
