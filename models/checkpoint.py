@@ -37,7 +37,8 @@ def weight_files(checkpoint_dir: Path) -> list[Path]:
         files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
         missing = [p.name for p in files if not p.is_file()]
         if missing:
-            raise CheckpointNotFoundError(f"{checkpoint_dir}: shard(s) named in {INDEX_FILE} are missing: {missing[:5]}")
+            raise CheckpointNotFoundError(
+                f"{checkpoint_dir}: shard(s) named in {INDEX_FILE} are missing: {missing[:5]}")
         return files
     single = checkpoint_dir / SINGLE_FILE
     if single.is_file():

@@ -14,6 +14,6 @@ from .session import GraphSession, UnsupportedGraphError
 from .settings import SamplerSettings
 from .text import TextCodec
 
-__all__ = ["GraphSession", "InputError", "LladaOnnxError", "Manifest", "Noise", "NotAnExportError", "Pipeline", "ProviderUnavailableError",
-           "SamplerSettings", "StepInfo", "TextCodec", "UnsupportedGraphError", "default_checkpoint_dir",
-           "default_onnx_dir", "generate_ids"]
+__all__ = ["GraphSession", "InputError", "LladaOnnxError", "Manifest", "Noise", "NotAnExportError", "Pipeline",
+           "ProviderUnavailableError", "SamplerSettings", "StepInfo", "TextCodec", "UnsupportedGraphError",
+           "default_checkpoint_dir", "default_onnx_dir", "generate_ids"]

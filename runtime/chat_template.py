@@ -28,5 +28,6 @@ def compile_chat_template(source: str):
     try:
         return env.from_string(source)
     except TemplateSyntaxError as e:
-        raise NotAnExportError(f"the chat template has a syntax error at line {e.lineno}: {str(e.message).rstrip('.')}; fix "
+        problem = str(e.message).rstrip(".")
+        raise NotAnExportError(f"the chat template has a syntax error at line {e.lineno}: {problem}; fix "
                                "chat_template in the export's llada_onnx.json or re-export") from None

@@ -76,8 +76,8 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         for name in ("gen_length", "steps", "block_length", "refresh_every"):
             value = getattr(self, name)
-            if (value is not None or name == "gen_length") and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value < 1):
+            integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+            if (value is not None or name == "gen_length") and (not integer or value < 1):
                 raise InputError(f"`{name}` must be a positive integer, got {value!r}")
         for name in ("logits_eos_inf", "confidence_eos_eot_inf", "confidence_eos_eot_inf_fixed",
                      "allow_mask_in_prompt", "early_stop"):

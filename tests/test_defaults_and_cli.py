@@ -205,7 +205,8 @@ def test_tokenizer_config_fuzz(tmp_path, tiny_onnx):
 
     export = tmp_path / "e"
     shutil.copytree(tiny_onnx, export)
-    for content in ("[]", "3", '{"bos_token": 5}', '{"eos_token": {"content": 7}}', "{", '{"added_tokens_decoder": []}'):
+    for content in ("[]", "3", '{"bos_token": 5}', '{"eos_token": {"content": 7}}', "{",
+                    '{"added_tokens_decoder": []}'):
         (export / "tokenizer_config.json").write_text(content)
         try:
             TextCodec.from_export(Manifest.load(export)).encode("the king")
