@@ -110,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the comparison with the float export")
     q.set_defaults(run=_quantize)
 
+    v = command("verify", "check an export against its checkpoint: logits and the sampler, torch vs the runtime "
+                          "(needs llada-onnx[export])")
+    v.add_argument("checkpoint_dir", help="the Hugging Face checkpoint the export was made from")
+    v.add_argument("export_dir", help="the export to check")
+    v.add_argument("--prompts", help="a UTF-8 file with one prompt per line (default: three built-in prompts)")
+    v.add_argument("--grid", choices=("quick", "full"), default="quick",
+                   help="sampler settings to compare: quick (4) or full (the test suite's grid: blocks, steps, CFG, "
+                        "EOS options, random remasking, temperature)")
+    v.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "dml"), help="the export's execution provider")
+    v.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs")
+    v.add_argument("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's choice)")
+    v.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
+    v.set_defaults(run=_verify)
+
     g = command("generate", "generate text from prompts")
     _model_args(g, "an export directory written by `llada-onnx export` (default: the embedded Shakespeare model)")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
@@ -204,6 +218,22 @@ def _quantize(args) -> int:
 
     quantize_export(args.export_dir, args.output_dir, _quantization(args), device=args.device, force=args.force,
                     validate=args.validate)
+    return 0
+
+
+def _verify(args) -> int:
+    _export_extra("verify")
+    from .export.verify import table, verify
+    from .runtime.text import read_prompt_file
+
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    report = verify(args.checkpoint_dir, args.export_dir, prompts=prompts, grid=args.grid, provider=args.provider,
+                    device=args.device, threads=args.threads,
+                    say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    if not report["passed"]:
+        print(f"llada-onnx verify: failed: {report['first_failure']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .default_model import default_onnx_dir
+from .errors import InputError
 from .kv_cache import KVCacheSession
 from .manifest import Manifest
 from .noise import Noise, NoiseLike
@@ -58,6 +59,20 @@ class Pipeline:
     @property
     def provider(self) -> str:
         return self.graph.provider
+
+    def forward_logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """The mask predictor's logits at every position, float32 ``[batch, length, vocab]``: one forward pass of
+        the export, for equivalence tests against the torch model (``attention_mask``: 1 = token, 0 = padding)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.manifest.vocab_size):
+            raise InputError(f"input_ids must lie in [0, {self.manifest.vocab_size}), the model's vocabulary")
+        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+        return self.graph.run(ids, mask, np.ascontiguousarray(positions), logits=True).logits
 
     def generate_ids(self, input_ids, attention_mask=None, *, seed: int | None = None, rng: NoiseLike = None,
                      callback: Callback | None = None, **settings: Any) -> np.ndarray:

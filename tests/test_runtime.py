@@ -13,21 +13,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from llada_onnx.export.verify import OPTIONS, SHAPES
 from llada_onnx.models.sampler import generate
 from llada_onnx.runtime import NotAnExportError, Pipeline, ProviderUnavailableError
 from llada_onnx.runtime import providers
 
 from conftest import prompts
 
-GRID = [
-    # (batch, gen, block, steps): 1..4 blocks; steps per block below, equal to and above the block length
-    (1, 8, 8, 8), (1, 8, 4, 4), (3, 12, 4, 6), (3, 8, 2, 8), (1, 16, 4, 16), (3, 6, 3, 10), (1, 4, 1, 4),
-]
-OPTIONS = [
-    {}, {"cfg_scale": 1.0}, {"logits_eos_inf": True}, {"confidence_eos_eot_inf": True},
-    {"confidence_eos_eot_inf_fixed": True}, {"remasking": "random"}, {"temperature": 0.7},
-    {"temperature": 1.0, "cfg_scale": 0.5, "confidence_eos_eot_inf": True},
-]
+# (batch, gen, block, steps) and the sampler options: the grid `llada-onnx verify --grid full` runs for users
+GRID = [(batch, *shape) for batch, shape in zip((1, 1, 3, 3, 1, 3, 1), SHAPES)]
 
 
 def reference(model, ids, mask, **kw):
