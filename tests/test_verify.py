@@ -14,8 +14,7 @@ import onnx
 import pytest
 import torch
 
-from llada_onnx.models import LLaDAModel
-from llada_onnx.runtime import LladaOnnxError, Pipeline, default_checkpoint_dir, default_onnx_dir
+from llada_onnx.runtime import LladaOnnxError, default_checkpoint_dir, default_onnx_dir
 from llada_onnx.runtime.manifest import MANIFEST_FILE
 
 from conftest import prompts
