@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                         "EOS options, random remasking, temperature)")
     v.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "dml"), help="the export's execution provider")
     v.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs")
+    v.add_argument("--torch-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="torch's precision: bf16 halves its memory (large models on a GPU), and then every export is "
+                        "judged as approximate")
     v.add_argument("--threads", type=int, default=None, help="CPU threads (default: onnxruntime's choice)")
     v.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
     v.set_defaults(run=_verify)
@@ -228,7 +231,7 @@ def _verify(args) -> int:
 
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     report = verify(args.checkpoint_dir, args.export_dir, prompts=prompts, grid=args.grid, provider=args.provider,
-                    device=args.device, threads=args.threads,
+                    device=args.device, torch_dtype=args.torch_dtype, threads=args.threads,
                     say=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else table(report))
     if not report["passed"]:
