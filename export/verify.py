@@ -81,7 +81,8 @@ def verify(checkpoint_dir: str | Path, export_dir: str | Path, *, prompts: list[
     architecture, cfg = read_checkpoint_config(checkpoint_dir)
     exact = manifest.dtype == "fp32" and manifest.variant == "exact" and torch_dtype == "fp32"
     codec = TextCodec.from_export(manifest)
-    ids, mask = codec.encode_batch(list(prompts or PROMPTS), chat=False)
+    ids, mask = with_padded_row(*codec.encode_batch(list(prompts or PROMPTS), chat=False),
+                                pad_id=manifest.id("pad_token_id"))
     cases = [Case(dict(settings)) for settings in GRIDS[grid]]
     dtype = TORCH_DTYPES[torch_dtype]
     model_gb = architecture.parameter_count(cfg) * torch.finfo(dtype).bits / 8 / 1e9
@@ -124,6 +125,15 @@ def verify(checkpoint_dir: str | Path, export_dir: str | Path, *, prompts: list[
     report["first_failure"] = _first_failure(report)
     report["passed"] = report["first_failure"] is None
     return report
+
+
+def with_padded_row(ids: np.ndarray, mask: np.ndarray, *, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The batch, with one more row when none is left-padded: the first prompt without its first token, padded
+    (padding is what most often goes wrong in a deployment)."""
+    if not mask.all() or ids.shape[1] < 2:
+        return ids, mask
+    row, row_mask = np.r_[pad_id, ids[0, 1:]], np.r_[0, mask[0, 1:]]
+    return np.vstack([ids, row]), np.vstack([mask, row_mask])
 
 
 def _masked_inputs(ids: np.ndarray, mask: np.ndarray, mask_id: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -74,6 +74,15 @@ def test_verify_full_grid_and_own_prompts(tmp_path, tiny_ckpt, tiny_onnx):
     assert res.returncode == 0 and res.stdout.rstrip().endswith("PASSED"), res.stderr[-3000:]
 
 
+def test_the_batch_always_has_a_left_padded_row():
+    from llada_onnx.export.verify import with_padded_row
+
+    ids, mask = with_padded_row(np.array([[5, 6, 7], [8, 9, 10]]), np.ones((2, 3), dtype=np.int64), pad_id=1)
+    assert ids.tolist()[-1] == [1, 6, 7] and mask.tolist()[-1] == [0, 1, 1]
+    padded = np.array([[0, 1, 1], [1, 1, 1]])
+    assert with_padded_row(np.ones((2, 3), dtype=np.int64), padded, pad_id=1)[1] is padded
+
+
 def test_verify_fails_on_a_perturbed_weight(tmp_path, tiny_ckpt, tiny_onnx):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_onnx, broken)
