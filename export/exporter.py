@@ -29,6 +29,7 @@ from ..runtime.contract import FORWARD, KV_CACHE, MANIFEST_FILE, ModelSizes
 from ..runtime.manifest import FUSIONS, manifest_dict
 from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
 from .graph import CachedSamplerGraph, SamplerGraph
+from .moe import MOE_FORMS, translation_table
 from .quantize import Quantization, QuantizationError, quantize_graph
 from .shared_weights import share_weights
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
@@ -88,6 +89,7 @@ def export(
     fusion: str = "none",
     cache: bool = False,
     quantization: Quantization = Quantization(),
+    moe: str = "fused",
 ) -> ExportResult:
     """Export a LLaDA checkpoint (Hugging Face layout) to ``output_dir``; see the module docstring.
 
@@ -96,12 +98,17 @@ def export(
     ``cache=True`` adds ``cache.onnx``, the block-wise KV-cache graph of fast decoding (same weights, no copy).
     ``quantization`` (see :mod:`.quantize`) turns the weights into int8 or int4 after tracing (and fusing); the
     KV-cache graph gets the same quantization and still shares the main graph's (quantized) weights.
+    ``moe`` writes a mixture-of-experts architecture's experts as onnxruntime's fused MoE kernel or in standard
+    ops (see :mod:`.moe`).
     """
     ckpt = Path(checkpoint_dir)
     opset = DEFAULT_OPSET if opset is None else opset
     say = _say if progress else _quiet
+    if moe not in MOE_FORMS:
+        raise ExportError(f"unknown MoE form {moe!r}; use one of {', '.join(MOE_FORMS)}")
     architecture, cfg = _check_request(ckpt, dtype=dtype, opset=opset, device=device, validate=validate,
                                        fusion=fusion, cache=cache, quantization=quantization)
+    translations = translation_table(moe) if architecture.experts else {}
     sizes = architecture.sizes(cfg)
     out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)
     need = _disk_needed(architecture.parameter_count(cfg), dtype, cache, quantization)
@@ -112,18 +119,21 @@ def export(
     with disk_full_is_reported(out, need), staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
-        fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), sizes, opset, device),
+        fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), sizes, opset, device,
+                                                         translations),
                                           tmp / FORWARD.file, "the graph", fusion=fusion, required=None,
                                           quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
         if cache:
-            _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device),
+            _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device,
+                                              translations),
                          tmp / KV_CACHE.file, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
                          quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
             share_weights(tmp / FORWARD.file, tmp / KV_CACHE.file)
         with stages.stage("writing manifest and tokenizer files"):
             graphs = {kind.name: kind.file for kind in (FORWARD, KV_CACHE) if kind is FORWARD or cache}
             _write_metadata(tmp, ckpt, architecture, cfg, graphs=graphs, dtype=dtype, opset=opset, fusion=fusion,
-                            fusions=fusions, quantization=quantization, quantized_ops=quantized)
+                            fusions=fusions, quantization=quantization, quantized_ops=quantized,
+                            moe=moe if architecture.experts else None)
         report = None
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
@@ -232,7 +242,7 @@ def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple
     return fusions, quantized
 
 
-def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device: str):
+def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device: str, translations: dict):
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
     length = dim("length", min=2, max=cfg.max_sequence_length)
@@ -252,10 +262,10 @@ def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device:
     shapes = {"input_ids": {0: batch, 1: fed}, "attention_mask": {0: batch, 1: length},
               "positions": {0: batch, 1: fed}, "head_index": {0: batch, 1: count}}
     return _export(graph, (ids, mask, positions, head, *past), opset, inputs, outputs,
-                   (*shapes.values(), tuple({0: batch, 2: cached} for _ in past)))
+                   (*shapes.values(), tuple({0: batch, 2: cached} for _ in past)), translations)
 
 
-def _trace(graph: SamplerGraph, cfg: ModelSizes, opset: int, device: str):
+def _trace(graph: SamplerGraph, cfg: ModelSizes, opset: int, device: str, translations: dict):
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
     length = dim("length", min=2, max=cfg.max_sequence_length)
@@ -267,23 +277,24 @@ def _trace(graph: SamplerGraph, cfg: ModelSizes, opset: int, device: str):
     positions = torch.tensor([[1, 2, 4], [2, 3, 4]], dtype=torch.long, device=device)
     return _export(graph, (ids, mask, positions), opset, FORWARD.input_names(0), FORWARD.output_names(0), {
         "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
-        "positions": {0: batch, 1: count}})
+        "positions": {0: batch, 1: count}}, translations)
 
 
-def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes):
-    """``torch.onnx.export`` (dynamo) with its console chatter silenced."""
+def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes, translations: dict):
+    """``torch.onnx.export`` (dynamo) with its console chatter silenced; ``translations``: how the project's own
+    ops (the MoE op) are written."""
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
         return torch.onnx.export(graph, args, dynamo=True, opset_version=int(opset), optimize=True,
                                  input_names=list(inputs), output_names=list(outputs), external_data=True,
-                                 dynamic_shapes=dynamic_shapes)
+                                 dynamic_shapes=dynamic_shapes, custom_translation_table=translations or None)
 
 
 def _write_metadata(tmp: Path, ckpt: Path, architecture: Architecture, cfg, *, graphs: dict[str, str], dtype: str,
                     opset: int, fusion: str, fusions: dict[str, int] | None, quantization: Quantization,
-                    quantized_ops: dict[str, int] | None) -> None:
+                    quantized_ops: dict[str, int] | None, moe: str | None) -> None:
     import onnx
     import onnxruntime
 
@@ -307,7 +318,7 @@ def _write_metadata(tmp: Path, ckpt: Path, architecture: Architecture, cfg, *, g
                              sizes=architecture.sizes(cfg), dtype=dtype, opset=int(opset), ids=cfg.special_ids(),
                              chat_template=_chat_template(ckpt), model=architecture.summary(cfg),
                              provenance=provenance, fusion=fusion, fusions=fusions, variant=quantization.variant,
-                             quantization=quantization.manifest(), quantized_ops=quantized_ops)
+                             quantization=quantization.manifest(), quantized_ops=quantized_ops, moe=moe)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

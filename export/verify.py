@@ -216,12 +216,12 @@ def table(report: dict[str, Any]) -> str:
         loss = report["loss"]
         lines.append(f"masked-token loss: torch {loss['torch']:.4f}, export {loss['runtime']:.4f} "
                      f"({loss['relative_change']:+.2%}; tolerance {loss['tolerance']:.0%})")
-    lines.append("")
-    lines.append(f"{'sampler settings':60s} {'tokens':>12s}")
-    for case in report["cases"]:
-        name = ", ".join(f"{k} {v}" for k, v in case["settings"].items())
+    names = [", ".join(f"{k} {v}" for k, v in case["settings"].items()) for case in report["cases"]]
+    width = max(len("sampler settings"), *map(len, names))
+    lines += ["", f"{'sampler settings':{width}s}  {'tokens':>10s}"]
+    for name, case in zip(names, report["cases"]):
         verdict = "exact" if case["token_exact"] else f"{case['token_agreement']:.1%} same"
-        lines.append(f"{name:60s} {verdict:>12s}")
+        lines.append(f"{name:{width}s}  {verdict:>10s}")
     lines.append("")
     lines.append("PASSED" if report["passed"] else f"FAILED: {report['first_failure']}")
     return "\n".join(lines)

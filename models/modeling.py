@@ -102,15 +102,7 @@ class LLaDABlock(nn.Module):
         b, length, _ = x.shape
         h = self.attn_norm(x)
         q, k, v = self._project_qkv(h, cos, sin)
-        if past is None:
-            keys, values = k, v
-            if self.n_kv_heads != self.n_heads:
-                rep = self.n_heads // self.n_kv_heads
-                keys = keys.repeat_interleave(rep, dim=1)
-                values = values.repeat_interleave(rep, dim=1)
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, is_causal=False)
-        else:
-            att = self._attend_with_past(q, k, v, *past, bias)
+        att = attend(q, k, v, bias, past)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, length, -1))
         h = self.ff_norm(x)
         if self.fused:
@@ -157,23 +149,52 @@ class LLaDABlock(nn.Module):
         q, k = qk.transpose(1, 2).split([hq, hkv], dim=1)
         return q, k, qkv[:, :, hq + hkv:].transpose(1, 2)
 
-    def _attend_with_past(self, q, k, v, past_k, past_v, bias):
-        """Softmax attention over ``past + fresh`` keys without concatenating them.
 
-        A cached step is small (one block of queries), and ``cat(past, k)`` would copy every layer's cache on every
-        step (and repeat it per query head under GQA). Scores are taken against the past and the fresh keys
-        separately and only the ``[n, P + n]`` score rows are joined; query heads are folded onto their key head
-        instead of repeating the keys. Measured on the embedded model's CPU step (32 tokens, canvas 276): 4.73 ms
-        against 4.97 ms for ``scaled_dot_product_attention`` over the concatenation.
-        """
-        b, _, n, hd = q.shape
-        rep = self.n_heads // self.n_kv_heads
-        q = (q * hd ** -0.5).reshape(b, self.n_kv_heads, rep * n, hd)
-        scores = torch.cat([q @ past_k.transpose(2, 3), q @ k.transpose(2, 3)], dim=-1) + bias
-        p = torch.softmax(scores, dim=-1)
-        cached = past_k.shape[2]
-        att = p[..., :cached] @ past_v + p[..., cached:] @ v
-        return att.reshape(b, self.n_heads, n, hd)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+           past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Bidirectional softmax attention of queries ``[B, heads, n, d]`` over keys/values ``[B, kv_heads, n, d]``
+    (grouped-query when fewer), after the cached ``past`` keys/values ``[B, kv_heads, P, d]`` when given;
+    ``bias`` is additive over the ``P + n`` keys."""
+    if past is None:
+        rep = q.shape[1] // k.shape[1]
+        if rep != 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+    return _attend_with_past(q, k, v, *past, bias)
+
+
+def _attend_with_past(q, k, v, past_k, past_v, bias):
+    """Softmax attention over ``past + fresh`` keys without concatenating them.
+
+    A cached step is small (one block of queries), and ``cat(past, k)`` would copy every layer's cache on every
+    step (and repeat it per query head under GQA). Scores are taken against the past and the fresh keys
+    separately and only the ``[n, P + n]`` score rows are joined; query heads are folded onto their key head
+    instead of repeating the keys. Measured on the embedded model's CPU step (32 tokens, canvas 276): 4.73 ms
+    against 4.97 ms for ``scaled_dot_product_attention`` over the concatenation.
+    """
+    b, heads, n, hd = q.shape
+    kv_heads = k.shape[1]
+    q = (q * hd ** -0.5).reshape(b, kv_heads, heads // kv_heads * n, hd)
+    scores = torch.cat([q @ past_k.transpose(2, 3), q @ k.transpose(2, 3)], dim=-1) + bias
+    p = torch.softmax(scores, dim=-1)
+    cached = past_k.shape[2]
+    att = p[..., :cached] @ past_v + p[..., cached:] @ v
+    return att.reshape(b, heads, n, hd)
+
+
+def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive key-padding bias ``[B, 1, 1, L]``: 0 for tokens, the dtype's most negative value for padding
+    (upstream's choice)."""
+    keep = (attention_mask != 0)[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def cached_bias(attention_mask: torch.Tensor, positions: torch.Tensor, cached: int, dtype: torch.dtype):
+    """The bias of a KV-cached call ``[B, 1, 1, P + n]``: the cache's entries of the fed ``positions`` are stale
+    and masked out (the fed tokens attend to their own fresh keys instead), padding is masked everywhere."""
+    keep = attention_mask != 0
+    keep = torch.cat([keep.scatter(1, positions, False)[:, :cached], torch.gather(keep, 1, positions)], dim=1)
+    return padding_bias(keep, dtype)
 
 
 class _Transformer(nn.Module):
@@ -218,9 +239,7 @@ class LLaDAModel(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # [L, 1, head_dim]: over [B, L, heads, head_dim]
         bias = None
         if attention_mask is not None and (always_mask or not bool((attention_mask != 0).all())):
-            keep = (attention_mask != 0)[:, None, None, :]
-            bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill(~keep, torch.finfo(x.dtype).min)
+            bias = padding_bias(attention_mask, x.dtype)
         for block in t.blocks:
             x = block(x, cos, sin, bias)[0]
         return t.ln_f(x)
@@ -242,11 +261,7 @@ class LLaDAModel(nn.Module):
         x = t.wte(input_ids)
         cos, sin = rotary_at(positions, self.config.head_dim, self.config.rope_theta)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, n, 1, head_dim]
-        keep = attention_mask != 0
-        cached = past[0][0].shape[2]
-        keep = torch.cat([keep.scatter(1, positions, False)[:, :cached], torch.gather(keep, 1, positions)], dim=1)
-        keep = keep[:, None, None, :]
-        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        bias = cached_bias(attention_mask, positions, past[0][0].shape[2], x.dtype)
         presents = []
         for block, layer_past in zip(t.blocks, past):
             x, present = block(x, cos, sin, bias, layer_past)

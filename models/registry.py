@@ -31,6 +31,7 @@ class Architecture:
     sizes: Callable[[Any], ModelSizes]  # what the runtime needs (the manifest's "sizes")
     summary: Callable[[Any], dict[str, Any]]  # the manifest's informative "model" object
     model_types: tuple[str, ...] = ()  # configs without "architectures" that mean this one
+    experts: bool = False  # whether its layers run the MoE op (models/moe.py), which the exporter writes fused or not
 
     def __post_init__(self) -> None:
         unknown = set(self.graph_kinds) - set(GRAPH_KINDS)

@@ -137,3 +137,76 @@ def build_word_tokenizer(specials: dict[str, int]):
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok
+
+
+# LLaDA-MoE's tokenizer family: EOS/pad 156892, the mask 156895 and the end of turn <|role_end|> (LLADA_MOE.md).
+MOE_VOCAB = 157184
+MOE_SPECIALS = {"<|endoftext|>": 156892, "<role>": 156893, "</role>": 156894, "<|mdm_mask|>": 156895,
+                "<|role_end|>": 156896}
+MOE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<role>' + message['role'] | upper + '</role>' + message['content'] | trim "
+    "+ '<|role_end|>' }}{% endfor %}{{ '<role>ASSISTANT</role>' }}"
+)
+
+
+def make_tiny_moe_model(*, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int | None = None,
+                        num_experts: int = 8, experts_per_token: int = 2, expert_size: int = 32,
+                        vocab_size: int = MOE_VOCAB, max_positions: int = 4096, logit_std: float = 4.0,
+                        seed: int = 0):
+    """A random, decisive LLaDA-MoE model (:mod:`.llada_moe`) in the real layout: real vocabulary and ids, a
+    router scaled so that the top-k choice is clear-cut."""
+    from .llada_moe import LLaDAMoEConfig, LLaDAMoEModel
+
+    cfg = LLaDAMoEConfig(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                         num_key_value_heads=n_kv_heads or n_heads, num_experts=num_experts,
+                         num_experts_per_tok=experts_per_token, expert_intermediate_size=expert_size,
+                         vocab_size=vocab_size, max_position_embeddings=max_positions,
+                         eot_token_id=MOE_SPECIALS["<|role_end|>"])
+    gen = torch.Generator().manual_seed(seed)
+    model = LLaDAMoEModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif name == "lm_head.weight":
+                p.copy_(torch.randn(p.shape, generator=gen) * (logit_std / math.sqrt(d_model)))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * (3.0 / math.sqrt(d_model)))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def make_tiny_moe_checkpoint(out_dir: str | Path, *, chat_template: str | None = MOE_CHAT_TEMPLATE,
+                             max_shard_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+                             **model_kwargs) -> Path:
+    """A tiny LLaDA-MoE checkpoint in the official layout (official tensor names, config fields, ids stated by
+    the tokenizer files; no mask id in config.json, as the real one) with a word-level tokenizer: as with
+    :func:`make_tiny_checkpoint`, decoded generations are empty text; compare token ids."""
+    import json
+
+    out = Path(out_dir)
+    model = make_tiny_moe_model(**model_kwargs).to(dtype)
+    model.save_pretrained(out, max_shard_bytes=max_shard_bytes)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("mask_token_id")  # the real checkpoint does not state it: the architecture's default applies
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tiny_moe_tokenizer_files(out, chat_template=chat_template)
+    return out
+
+
+def write_tiny_moe_tokenizer_files(out: str | Path, *, chat_template: str | None) -> None:
+    import json
+
+    out = Path(out)
+    tok = build_word_tokenizer(MOE_SPECIALS)
+    tok_cfg = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "model_max_length": 8192, "tokenizer_class": "PreTrainedTokenizerFast",
+               "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in MOE_SPECIALS.items()}}
+    if chat_template is not None:
+        tok_cfg["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": MOE_SPECIALS["<|endoftext|>"]}) + "\n")
+    tok.save(str(out / "tokenizer.json"))

@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", action="store_true",
                    help="also export cache.onnx, the block-wise KV-cache graph for --cache prefix/dual decoding "
                         "(shares the weights: no second copy on disk)")
+    e.add_argument("--moe", choices=("fused", "decomposed"), default="fused",
+                   help="mixture-of-experts models: experts as onnxruntime's fused MoE kernel (CPU, CUDA) or in "
+                        "standard ONNX ops (any provider, DirectML too; every expert runs on every token)")
     _quantization_args(e, required=False)
     e.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
     e.add_argument("--no-validate", dest="validate", action="store_false",
@@ -211,7 +214,7 @@ def _export(args) -> int:
     export = _export_extra("export")
     export.export(args.checkpoint_dir, args.output_dir, dtype=args.dtype, opset=args.opset, device=args.device,
                   force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache,
-                  quantization=_quantization(args))
+                  quantization=_quantization(args), moe=args.moe)
     return 0
 
 

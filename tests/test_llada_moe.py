@@ -1,0 +1,151 @@
+"""LLaDA-MoE (LLaDAMoEModelLM): the official routing, the checkpoint layout, export with the fused and the
+decomposed expert op, and the runtime token-exact with the torch sampler."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llada_onnx.models import UnsupportedConfigError, generate, read_checkpoint_config
+from llada_onnx.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
+from llada_onnx.models.moe import interleave_gate_up, moe_swiglu
+from llada_onnx.models.tiny import MOE_SPECIALS, make_tiny_moe_checkpoint
+from llada_onnx.runtime import Manifest, Pipeline
+
+from conftest import prompts
+
+PAD = MOE_SPECIALS["<|endoftext|>"]
+
+
+@pytest.fixture(scope="session")
+def moe_ckpt(tmp_path_factory):
+    return make_tiny_moe_checkpoint(tmp_path_factory.mktemp("moe") / "ckpt", max_shard_bytes=40_000_000, seed=1)
+
+
+@pytest.fixture(scope="session")
+def moe_model(moe_ckpt):
+    return LLaDAMoEModel.from_pretrained(moe_ckpt)
+
+
+def _export(tmp_path_factory, ckpt, name, **options):
+    from llada_onnx.export import export
+
+    out = tmp_path_factory.mktemp("moe-exports") / name
+    export(ckpt, out, progress=False, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def moe_fused(tmp_path_factory, moe_ckpt):
+    return _export(tmp_path_factory, moe_ckpt, "fused", cache=True)
+
+
+@pytest.fixture(scope="session")
+def moe_decomposed(tmp_path_factory, moe_ckpt):
+    return _export(tmp_path_factory, moe_ckpt, "decomposed", moe="decomposed")
+
+
+def test_routing_is_the_official_one():
+    """Softmax over all experts in float32, top-k, the raw top-k probabilities as weights (no renormalisation)."""
+    gen = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(3, 8, generator=gen), torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0],
+                                                                [1.0, 2.0, 1.5, 0.0]])
+    gate, up, down = (torch.randn(4, 6, 8, generator=gen), torch.randn(4, 6, 8, generator=gen),
+                      torch.randn(4, 8, 6, generator=gen))
+    fc1 = torch.stack([interleave_gate_up(gate[e], up[e]) for e in range(4)])
+    got = moe_swiglu(x, logits, fc1, down, 2)
+    probs = F.softmax(logits, dim=-1)
+    for t, experts in enumerate(([0, 1], [2, 3], [1, 2])):  # the two largest logits of each row
+        want = sum(probs[t, e] * (down[e] @ (F.silu(gate[e] @ x[t]) * (up[e] @ x[t]))) for e in experts)
+        torch.testing.assert_close(got[t], want, rtol=1e-5, atol=1e-5)
+    assert float(probs[0, :2].sum()) < 1  # the weights are not renormalised
+
+
+def test_checkpoint_layout_and_dispatch(moe_ckpt, moe_model):
+    from safetensors import safe_open
+
+    names = set()
+    for file in moe_ckpt.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            names |= set(f.keys())
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight", "model.layers.1.mlp.gate.weight",
+            "model.layers.1.mlp.experts.7.down_proj.weight", "model.norm.weight", "lm_head.weight"} <= names
+    assert (moe_ckpt / "model.safetensors.index.json").is_file()  # sharded
+    architecture, cfg = read_checkpoint_config(moe_ckpt)
+    assert architecture.name == "LLaDAMoEModelLM" and json.loads((moe_ckpt / "config.json").read_text())[
+        "model_type"] == "llada"
+    assert cfg.special_ids() == {"mask_token_id": 156895, "eos_token_id": 156892, "pad_token_id": 156892,
+                                 "bos_token_id": 156892, "eot_token_id": MOE_SPECIALS["<|role_end|>"]}
+
+
+@pytest.mark.parametrize("field,value", [("shared_expert_intermediate_size", 1024),
+                                         ("moe_router_enable_expert_bias", True),
+                                         ("moe_router_score_function", "sigmoid"), ("moe_layer_freq", 2),
+                                         ("tie_word_embeddings", True)])
+def test_unimplemented_features_are_refused_by_name(moe_ckpt, field, value):
+    raw = json.loads((moe_ckpt / "config.json").read_text())
+    with pytest.raises(UnsupportedConfigError, match=field):
+        LLaDAMoEConfig.from_dict(dict(raw, **{field: value}))
+
+
+def test_padded_keys_are_masked(moe_model):
+    """Unlike the official code, a left-padded row gives the logits of its prompt alone."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    padded = torch.tensor([[PAD, PAD, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(padded, mask)[:, 2:], moe_model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_exports_hold_the_fused_or_the_decomposed_op(moe_fused, moe_decomposed):
+    def ops(export):
+        return {n.op_type for n in onnx.load(str(export / "model.onnx"), load_external_data=False).graph.node}
+
+    assert "MoE" in ops(moe_fused) and "MoE" not in ops(moe_decomposed) and "TopK" in ops(moe_decomposed)
+    for export, form in ((moe_fused, "fused"), (moe_decomposed, "decomposed")):
+        raw = json.loads((export / "llada_onnx.json").read_text())
+        assert raw["architecture"] == "LLaDAMoEModelLM" and raw["moe"] == form
+        report = json.loads((export / "validation.json").read_text())
+        assert report["logits_max_abs_diff"] < report["logits_tolerance"] and report["top_ids_agreement"] == 1.0
+    assert Manifest.load(moe_fused).cache_graph == "cache.onnx"
+
+
+@pytest.mark.parametrize("options", [dict(steps=8, gen_length=8, block_length=8),
+                                     dict(steps=6, gen_length=12, block_length=4),
+                                     dict(steps=8, gen_length=8, block_length=4, cfg_scale=1.0),
+                                     dict(steps=8, gen_length=8, block_length=4, temperature=0.7),
+                                     dict(steps=8, gen_length=8, block_length=4, remasking="random"),
+                                     dict(steps=8, gen_length=8, block_length=4, confidence_eos_eot_inf=True)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_runtime_is_token_exact_with_torch(moe_fused, moe_decomposed, moe_model, options):
+    ids, mask = prompts(3, seed=2, pad_id=PAD)
+    want = generate(moe_model, torch.from_numpy(ids), torch.from_numpy(mask), seed=4, **options).numpy()
+    for export in (moe_fused, moe_decomposed):
+        np.testing.assert_array_equal(Pipeline.from_pretrained(export).generate_ids(ids, mask, seed=4, **options),
+                                      want)
+
+
+def test_kv_cache_refreshed_every_step_is_exact(moe_fused):
+    pipe = Pipeline.from_pretrained(moe_fused)
+    ids, mask = prompts(2, seed=5, pad_id=PAD)
+    kw = dict(gen_length=16, block_length=8, steps=16)
+    exact = pipe.generate_ids(ids, mask, **kw)
+    np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache="dual", refresh_every=1, **kw), exact)
+    fast = pipe.generate_ids(ids, mask, cache="dual", threshold=0.9, **kw)
+    assert fast.shape == exact.shape and not (fast == 156895).any()
+
+
+def test_chat_with_an_instruct_layout_export(moe_fused):
+    res = subprocess.run([str(Path(sys.executable).with_name("llada-onnx")), "chat", "--model", str(moe_fused),
+                          "--gen-length", "8"], input="the king\nthe queen\n\n", capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("llada>") == 2
