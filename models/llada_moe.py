@@ -93,7 +93,8 @@ class LLaDAMoEConfig:
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts", "num_experts_per_tok",
             "expert_intermediate_size", "vocab_size")}
         kv_heads = fields.integer(raw, "num_key_value_heads", source, err, default=ints["num_attention_heads"])
-        if ints["hidden_size"] % ints["num_attention_heads"] or (ints["hidden_size"] // ints["num_attention_heads"]) % 2:
+        heads = ints["num_attention_heads"]
+        if ints["hidden_size"] % heads or (ints["hidden_size"] // heads) % 2:
             raise UnsupportedConfigError(f"{source}: hidden_size must split into num_attention_heads heads of even "
                                          "size")
         if ints["num_attention_heads"] % kv_heads:
