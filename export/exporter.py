@@ -192,6 +192,9 @@ def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate:
             "(onnxruntime's CPU provider lacks fp16 kernels for parts of the graph): use --device cuda, or "
             "--no-validate to export without validation")
     architecture, cfg = read_checkpoint_config(ckpt)  # raises for a missing/foreign/unsupported/damaged config
+    if architecture.experts and quantization.method != "none":
+        raise ExportError(f"--quantize is not available for {architecture.name} yet: its experts need "
+                          "onnxruntime's QMoE op, which this exporter does not write; export in fp32 or fp16")
     if cache and KV_CACHE.name not in architecture.graph_kinds:
         raise ExportError(f"{architecture.name} has no KV-cache graph yet: export without --cache")
     check_weight_files(ckpt)  # raises for missing or damaged weights

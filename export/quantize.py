@@ -187,6 +187,9 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
 
     source = Path(export_dir)
     manifest = Manifest.load(source)
+    if manifest.raw.get("moe"):
+        raise QuantizationError(f"{source} is a mixture-of-experts export: quantizing its experts needs "
+                                "onnxruntime's QMoE op, which llada-onnx does not write yet")
     if manifest.variant != "exact":
         raise QuantizationError(f"{source} is already quantized ({manifest.variant}); quantize a float export")
     quantization.check(manifest.dtype)

@@ -212,3 +212,18 @@ def test_tokenizer_config_fuzz(tmp_path, tiny_onnx):
             TextCodec.from_export(Manifest.load(export)).encode("the king")
         except LladaOnnxError:
             pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_moe_config_fuzz_loads_cleanly_or_says_why(data):
+    from llada_onnx.models.llada_moe import LLaDAMoEConfig
+
+    raw = LLaDAMoEConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         num_experts=4, num_experts_per_tok=2, expert_intermediate_size=8, vocab_size=64,
+                         mask_token_id=60, eos_token_id=61, pad_token_id=61, bos_token_id=61,
+                         eot_token_id=62).to_dict()
+    try:
+        LLaDAMoEConfig.from_dict(_mutate(raw, data))
+    except LladaOnnxError:
+        pass

@@ -133,6 +133,17 @@ def test_runtime_is_token_exact_with_torch(moe_fused, moe_decomposed, moe_model,
                                       want)
 
 
+def test_quantization_is_refused_until_qmoe(tmp_path, moe_ckpt, moe_fused):
+    from llada_onnx.export import ExportError, Quantization, export
+    from llada_onnx.export.quantize import quantize_export
+
+    with pytest.raises(ExportError, match="QMoE"):
+        export(moe_ckpt, tmp_path / "int4", quantization=Quantization("int4"), progress=False)
+    with pytest.raises(ExportError, match="QMoE"):
+        quantize_export(moe_fused, tmp_path / "int8", Quantization("int8"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_kv_cache_refreshed_every_step_is_exact(moe_fused):
     pipe = Pipeline.from_pretrained(moe_fused)
     ids, mask = prompts(2, seed=5, pad_id=PAD)
