@@ -108,6 +108,9 @@ def export(
         raise ExportError(f"unknown MoE form {moe!r}; use one of {', '.join(MOE_FORMS)}")
     architecture, cfg = _check_request(ckpt, dtype=dtype, opset=opset, device=device, validate=validate,
                                        fusion=fusion, cache=cache, quantization=quantization)
+    if architecture.experts and moe == "decomposed" and quantization.method != "none":
+        raise ExportError("--quantize needs --moe fused: quantized experts are onnxruntime's QMoE op, and the "
+                          "decomposed experts would stay in float")
     translations = translation_table(moe) if architecture.experts else {}
     sizes = architecture.sizes(cfg)
     out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)
@@ -192,9 +195,6 @@ def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate:
             "(onnxruntime's CPU provider lacks fp16 kernels for parts of the graph): use --device cuda, or "
             "--no-validate to export without validation")
     architecture, cfg = read_checkpoint_config(ckpt)  # raises for a missing/foreign/unsupported/damaged config
-    if architecture.experts and quantization.method != "none":
-        raise ExportError(f"--quantize is not available for {architecture.name} yet: its experts need "
-                          "onnxruntime's QMoE op, which this exporter does not write; export in fp32 or fp16")
     if cache and KV_CACHE.name not in architecture.graph_kinds:
         raise ExportError(f"{architecture.name} has no KV-cache graph yet: export without --cache")
     check_weight_files(ckpt)  # raises for missing or damaged weights

@@ -32,6 +32,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .quantize_experts import quantize_experts
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 
 METHODS = ("none", "int8", "int4")
@@ -128,7 +129,7 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
         root.handlers[:] = handlers
         root.setLevel(level)
     ops = [n.op_type for n in onnx.load(str(target), load_external_data=False).graph.node]
-    quantized = ("MatMulInteger", "MatMulNBits", "GatherBlockQuantized")
+    quantized = ("MatMulInteger", "MatMulNBits", "GatherBlockQuantized", "QMoE")
     counts = {op: ops.count(op) for op in quantized if op in ops}
     if not counts:
         raise QuantizationError(f"the quantizer found no weights to quantize in {source.name}")
@@ -144,6 +145,12 @@ def _int8(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
     quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                      nodes_to_exclude=keep, use_external_data_format=True,
                      extra_options={"MatMulConstBOnly": True})  # attention's activation x activation MatMuls stay float
+    quantized = onnx.load(str(target), load_external_data=False)
+    if quantize_experts(quantized, target.parent, "int8", 0):  # quantize_dynamic leaves MoE nodes as they are
+        onnx.load_external_data_for_model(quantized, str(target.parent))
+        _remove_graph_files(target)  # onnx appends to an existing data file
+        onnx.save(quantized, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=target.name + ".data", size_threshold=1024)
 
 
 def _int4(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
@@ -151,6 +158,7 @@ def _int4(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source), load_external_data=False)
+    quantize_experts(model, source.parent, "int4", q.block_size)
     keep = (vocabulary_nodes(model, vocab_size) if q.keep_head else []) + shared_weight_gathers(model)
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=q.block_size, is_symmetric=True,
                                      accuracy_level=q.accuracy_level or None, nodes_to_exclude=keep,
@@ -162,6 +170,11 @@ def _int4(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
         onnx.load_external_data_for_model(quantizer.model.model, ".")  # what stayed float (norms, kept head)
     onnx.save(quantizer.model.model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
               location=target.name + ".data", size_threshold=1024)
+
+
+def _remove_graph_files(graph: Path) -> None:
+    for path in (graph, graph.with_name(graph.name + ".data")):
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -187,9 +200,9 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
 
     source = Path(export_dir)
     manifest = Manifest.load(source)
-    if manifest.raw.get("moe"):
-        raise QuantizationError(f"{source} is a mixture-of-experts export: quantizing its experts needs "
-                                "onnxruntime's QMoE op, which llada-onnx does not write yet")
+    if manifest.raw.get("moe") == "decomposed":
+        raise QuantizationError(f"{source} has its experts in standard ops (--moe decomposed), which leave them "
+                                "in float; quantize an export made with --moe fused")
     if manifest.variant != "exact":
         raise QuantizationError(f"{source} is already quantized ({manifest.variant}); quantize a float export")
     quantization.check(manifest.dtype)

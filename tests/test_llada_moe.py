@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,15 +134,70 @@ def test_runtime_is_token_exact_with_torch(moe_fused, moe_decomposed, moe_model,
                                       want)
 
 
-def test_quantization_is_refused_until_qmoe(tmp_path, moe_ckpt, moe_fused):
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_qmoe_is_the_dequantized_experts(method):
+    """One MoE node rewritten as QMoE computes the official routing over the dequantized expert weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llada_onnx.export.quantize_experts import quantize_experts, quantize_int4, quantize_int8
+
+    rng = np.random.default_rng(0)
+    experts, hidden, inter, tokens, k = 4, 32, 16, 5, 2
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    logits = rng.standard_normal((tokens, experts)).astype(np.float32)
+    fc1 = rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32)  # gate/up interleaved
+    fc2 = rng.standard_normal((experts, hidden, inter)).astype(np.float32)
+    node = helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=k,
+                            activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                            normalize_routing_weights=0)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [tokens, hidden]),
+                                                                               ("logits", [tokens, experts]))]
+    graph = helper.make_graph([node], "g", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    assert quantize_experts(model, Path("."), method, 16) == 1
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "logits": logits})[0]
+
+    def dequantized(w):
+        if method == "int8":
+            q, scales = quantize_int8(w)
+            return (q.astype(np.float32) - 128) * scales[..., None]
+        packed, scales = quantize_int4(w, 16)
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(w.shape).astype(np.float32) - 8
+        return (q.reshape(*w.shape[:2], -1, 16) * scales[..., None]).reshape(w.shape)
+
+    d1, d2 = dequantized(fc1), dequantized(fc2)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.zeros_like(x)
+    for t in range(tokens):
+        for e in np.argsort(-probs[t])[:k]:  # the raw probabilities mix, unnormalised
+            h = d1[e] @ x[t]
+            want[t] += probs[t, e] * (d2[e] @ (h[0::2] / (1 + np.exp(-h[0::2])) * h[1::2]))
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max(), rtol=0)
+
+
+def test_quantized_exports(tmp_path, moe_ckpt, moe_fused, moe_decomposed):
     from llada_onnx.export import ExportError, Quantization, export
     from llada_onnx.export.quantize import quantize_export
+    from llada_onnx.export.verify import verify
 
-    with pytest.raises(ExportError, match="QMoE"):
-        export(moe_ckpt, tmp_path / "int4", quantization=Quantization("int4"), progress=False)
-    with pytest.raises(ExportError, match="QMoE"):
-        quantize_export(moe_fused, tmp_path / "int8", Quantization("int8"), progress=False)
-    assert list(tmp_path.iterdir()) == []
+    int4 = tmp_path / "int4"
+    export(moe_ckpt, int4, quantization=Quantization("int4"), cache=True, progress=False)
+    int8 = tmp_path / "int8"
+    quantize_export(moe_fused, int8, Quantization("int8"), progress=False)
+    for export_dir in (int4, int8):
+        ops = {n.op_type for n in onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph.node}
+        assert "QMoE" in ops and "MoE" not in ops
+        report = verify(moe_ckpt, export_dir)
+        assert not report["exact"] and abs(report["loss"]["relative_change"]) <= report["loss"]["tolerance"]
+    assert (int8 / "model.onnx.data").stat().st_size < (moe_fused / "model.onnx.data").stat().st_size
+    assert Pipeline.from_pretrained(int4).generate_ids([[5, 6]], gen_length=8, cache="dual").shape == (1, 10)
+    with pytest.raises(ExportError, match="--moe fused"):
+        export(moe_ckpt, tmp_path / "no", moe="decomposed", quantization=Quantization("int4"), progress=False)
+    with pytest.raises(ExportError, match="--moe fused"):
+        quantize_export(moe_decomposed, tmp_path / "no", Quantization("int8"), progress=False)
 
 
 def test_kv_cache_refreshed_every_step_is_exact(moe_fused):

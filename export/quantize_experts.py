@@ -1,0 +1,100 @@
+"""Quantized experts: every ``com.microsoft.MoE`` node of a graph becomes a ``com.microsoft.QMoE`` node.
+
+onnxruntime's QMoE kernel reads integer expert weights in the MoE layout (``[experts, out, in]``, gate and up
+rows interleaved), packed along ``in``, with float scales; its zero point is implicit (``2^(bits-1)``):
+
+* ``int4``: symmetric 4-bit in blocks of ``block_size`` along ``in`` (scales ``[E, out, in / block]``), two
+  values a byte, the even one in the low nibble;
+* ``int8``: symmetric 8-bit per output channel (scales ``[E, out]``; onnxruntime 1.32's CPU kernel reads
+  block-wise 8-bit scales differently from the documented layout, per-channel ones as documented).
+
+The CPU kernel renormalises the top-k weights by itself unless it is given ``router_weights``. LLaDA-MoE mixes
+with the raw softmax probabilities, so the QMoE node gets the softmax of the router logits (in float32, as the
+official code) as ``router_weights``: the logits still choose the experts, the probabilities weight them.
+
+Checked against a dequantized reference to 2e-5 (tests/test_llada_moe.py). The float expert weights are read one
+tensor at a time, memory-mapped from the data file, and never loaded whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ROUTER_WEIGHTS_INPUT = 14  # QMoE's optional inputs before it: biases, fc3, zero points
+
+
+def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
+    """Rewrite ``model``'s MoE nodes in place (weights read from ``folder``); returns how many."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    rewritten = 0
+    for index, node in enumerate(list(model.graph.node)):
+        if node.op_type != "MoE" or node.domain != "com.microsoft":
+            continue
+        if not node.name:
+            node.name = f"moe_{index}"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, logits, fc1_name, fc2_name = node.input[0], node.input[1], node.input[2], node.input[4]
+        outs = []
+        for name in (fc1_name, fc2_name):
+            weight = _read(initializers[name], folder)
+            packed, scales = quantize_int4(weight, block_size) if method == "int4" else quantize_int8(weight)
+            for suffix, array in (("_q", packed), ("_scales", scales.astype(weight.dtype))):
+                model.graph.initializer.append(numpy_helper.from_array(array, name + suffix))
+            outs.append((name + "_q", name + "_scales"))
+            model.graph.initializer.remove(initializers[name])
+        float_logits, probs = f"{node.name}_router_float", f"{node.name}_router_weights"
+        weight_type = next((t.data_type for t in initializers.values() if t.name == fc1_name), TensorProto.FLOAT)
+        extra = [helper.make_node("Cast", [logits], [float_logits], to=TensorProto.FLOAT,
+                                  name=f"{node.name}_cast"),
+                 helper.make_node("Softmax", [float_logits], [probs + "_f"], axis=-1, name=f"{node.name}_softmax"),
+                 helper.make_node("Cast", [probs + "_f"], [probs], to=weight_type, name=f"{node.name}_cast_back")]
+        inputs = [x, logits, *outs[0], "", *outs[1]] + [""] * (ROUTER_WEIGHTS_INPUT - 7) + [probs]
+        qmoe = helper.make_node(
+            "QMoE", inputs, list(node.output), domain="com.microsoft", name=node.name, k=attrs["k"],
+            activation_type=attrs["activation_type"], swiglu_fusion=attrs["swiglu_fusion"],
+            activation_alpha=attrs["activation_alpha"], activation_beta=attrs["activation_beta"],
+            normalize_routing_weights=0, expert_weight_bits=4 if method == "int4" else 8,
+            **({"block_size": block_size} if method == "int4" else {}))
+        model.graph.node.remove(node)
+        for offset, new in enumerate([*extra, qmoe]):
+            model.graph.node.insert(index + offset, new)
+        rewritten += 1
+    return rewritten
+
+
+def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[E, N, K]`` float -> packed uint8 ``[E, N, K / 2]`` and scales ``[E, N, K / block]``."""
+    experts, rows, cols = weight.shape
+    if cols % block_size:
+        raise ValueError(f"an expert's input width {cols} is not a multiple of the block size {block_size}")
+    blocks = weight.astype(np.float32).reshape(experts, rows, cols // block_size, block_size)
+    scales = np.abs(blocks).max(-1) / 7
+    safe = np.where(scales == 0, 1, scales)
+    q = (np.clip(np.round(blocks / safe[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
+    q = q.reshape(experts, rows, cols)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scales.astype(np.float32)
+
+
+def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[E, N, K]`` float -> uint8 ``[E, N, K]`` (zero point 128) and per-channel scales ``[E, N]``."""
+    w = weight.astype(np.float32)
+    scales = np.abs(w).max(-1) / 127
+    safe = np.where(scales == 0, 1, scales)
+    q = (np.clip(np.round(w / safe[..., None]), -128, 127).astype(np.int16) + 128).astype(np.uint8)
+    return q, scales.astype(np.float32)
+
+
+def _read(tensor, folder: Path) -> np.ndarray:
+    """An initializer's array, memory-mapped from its external data file when it has one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.memmap(folder / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                     shape=tuple(tensor.dims))
