@@ -43,13 +43,15 @@ ECHO = register(Architecture(
 '''
 
 
-def test_dense_llada_is_registered_and_dispatched_on_architectures():
-    assert [a.name for a in supported()][:1] == ["LLaDAModelLM"]
+def test_architectures_are_registered_and_dispatched_on_architectures():
+    assert [a.name for a in supported()][:2] == ["LLaDAModelLM", "LLaDAMoEModelLM"]
     assert architecture_of({"architectures": ["LLaDAModelLM"], "model_type": "llada"}).sampler == "llada"
     assert architecture_of({"model_type": "llada"}).name == "LLaDAModelLM"  # configs without architectures
-    with pytest.raises(UnsupportedConfigError, match="'LLaDAMoEModelLM' is not a LLaDA checkpoint .* supported "
-                                                     "architectures: LLaDAModelLM \\(dense LLaDA"):
-        architecture_of({"architectures": ["LLaDAMoEModelLM"], "model_type": "llada"})
+    # LLaDA-MoE shares dense LLaDA's model_type: architectures[0] tells them apart
+    assert architecture_of({"architectures": ["LLaDAMoEModelLM"], "model_type": "llada"}).experts
+    with pytest.raises(UnsupportedConfigError, match="'LLaDA2MoeModelLM' is not a LLaDA checkpoint .* supported "
+                                                     "architectures: LLaDAModelLM \\(dense LLaDA.*LLaDAMoEModelLM"):
+        architecture_of({"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"})
 
 
 @pytest.fixture
