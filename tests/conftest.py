@@ -122,3 +122,29 @@ def prompts(batch: int, lengths=(6, 9, 4), seed: int = 0, pad_id: int = 126081):
         ids[i, width - n:] = rng.integers(0, 120, size=n)
         mask[i, width - n:] = 1
     return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------- LLaDA-MoE
+@pytest.fixture(scope="session")
+def moe_ckpt(tmp_path_factory):
+    from llada_onnx.models.tiny import make_tiny_moe_checkpoint
+
+    return make_tiny_moe_checkpoint(tmp_path_factory.mktemp("moe") / "ckpt", max_shard_bytes=40_000_000, seed=1)
+
+
+@pytest.fixture(scope="session")
+def moe_model(moe_ckpt):
+    from llada_onnx.models.llada_moe import LLaDAMoEModel
+
+    return LLaDAMoEModel.from_pretrained(moe_ckpt)
+
+
+@pytest.fixture(scope="session")
+def moe_fused(tmp_path_factory, moe_ckpt):
+    return _export(tmp_path_factory, moe_ckpt, "moe-fused", cache=True)
+
+
+@pytest.fixture(scope="session")
+def moe_decomposed(tmp_path_factory, moe_ckpt):
+    return _export(tmp_path_factory, moe_ckpt, "moe-decomposed", moe="decomposed")
+

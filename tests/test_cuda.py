@@ -160,3 +160,40 @@ def test_cuda_graphs_beyond_the_pinned_shapes_run_uncaptured(tiny_cache_onnx, mo
             np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
     captured = pipe.kv_cache._captured
     assert len(captured.caches) == 1 and {fed for _, _, fed in captured.graphs} == {8}
+
+
+# ---------------------------------------------------------------------------------------------- LLaDA-MoE
+def test_cuda_moe_fp32_token_exact_with_cpu(moe_fused, moe_decomposed):
+    """The fused MoE kernel and the decomposed experts on CUDA give the CPU's tokens."""
+    ids, mask = prompts(3, seed=2, pad_id=156892)
+    cpu = Pipeline.from_pretrained(moe_fused)
+    for export in (moe_fused, moe_decomposed):
+        gpu = Pipeline.from_pretrained(export, provider="cuda")
+        for kw in (dict(steps=8, gen_length=8, block_length=4), dict(steps=8, gen_length=8, block_length=4,
+                                                                      temperature=0.7, seed=3)):
+            np.testing.assert_array_equal(gpu.generate_ids(ids, mask, **kw), cpu.generate_ids(ids, mask, **kw))
+    gpu = Pipeline.from_pretrained(moe_fused, provider="cuda")
+    kw = dict(gen_length=16, block_length=8, steps=16)
+    np.testing.assert_array_equal(gpu.generate_ids(ids, mask, cache="dual", refresh_every=1, **kw),
+                                  cpu.generate_ids(ids, mask, **kw))
+
+
+def test_cuda_moe_fp16_and_int4(tmp_path_factory, moe_ckpt):
+    """fp16 (the fused MoE kernel in half precision) validated on CUDA, and its int4 QMoE variant generating."""
+    from llada_onnx.export import Quantization, export
+
+    base = tmp_path_factory.mktemp("moe-fp16")
+    report = export(moe_ckpt, base / "fp16", dtype="fp16", device="cuda", cache=True, progress=False).validation
+    print("MoE fp16 validation:", json.dumps(report))
+    assert report["finite"] and report["top_ids_decisive_agreement"] >= 0.99
+    report = export(moe_ckpt, base / "int4", dtype="fp16", device="cuda", cache=True, progress=False,
+                    quantization=Quantization("int4")).validation
+    print("MoE fp16 int4 validation:", json.dumps(report))
+    assert report["finite"]
+    ids, mask = prompts(2, seed=2, pad_id=156892)
+    for name in ("fp16", "int4"):
+        pipe = Pipeline.from_pretrained(base / name, provider="cuda")
+        for options in ({}, {"cache": "dual", "threshold": 0.9}):
+            out = pipe.generate_ids(ids, mask, steps=16, gen_length=16, block_length=8, **options)
+            assert (out[:, ids.shape[1]:] != 156895).all()
+

@@ -16,42 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from llada_onnx.models import UnsupportedConfigError, generate, read_checkpoint_config
-from llada_onnx.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
+from llada_onnx.models.llada_moe import LLaDAMoEConfig
 from llada_onnx.models.moe import interleave_gate_up, moe_swiglu
-from llada_onnx.models.tiny import MOE_SPECIALS, make_tiny_moe_checkpoint
+from llada_onnx.models.tiny import MOE_SPECIALS
 from llada_onnx.runtime import Manifest, Pipeline
 
 from conftest import prompts
 
 PAD = MOE_SPECIALS["<|endoftext|>"]
-
-
-@pytest.fixture(scope="session")
-def moe_ckpt(tmp_path_factory):
-    return make_tiny_moe_checkpoint(tmp_path_factory.mktemp("moe") / "ckpt", max_shard_bytes=40_000_000, seed=1)
-
-
-@pytest.fixture(scope="session")
-def moe_model(moe_ckpt):
-    return LLaDAMoEModel.from_pretrained(moe_ckpt)
-
-
-def _export(tmp_path_factory, ckpt, name, **options):
-    from llada_onnx.export import export
-
-    out = tmp_path_factory.mktemp("moe-exports") / name
-    export(ckpt, out, progress=False, **options)
-    return out
-
-
-@pytest.fixture(scope="session")
-def moe_fused(tmp_path_factory, moe_ckpt):
-    return _export(tmp_path_factory, moe_ckpt, "fused", cache=True)
-
-
-@pytest.fixture(scope="session")
-def moe_decomposed(tmp_path_factory, moe_ckpt):
-    return _export(tmp_path_factory, moe_ckpt, "decomposed", moe="decomposed")
 
 
 def test_routing_is_the_official_one():
