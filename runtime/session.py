@@ -69,7 +69,19 @@ def load_error(path: Path, provider: str, error: Exception) -> Exception | None:
 
 
 class UnsupportedGraphError(LladaOnnxError, RuntimeError):
-    """The export uses an operator this onnxruntime build or provider does not have."""
+    """The export uses an operator this onnxruntime build or provider does not have (or not correctly)."""
+
+
+FIRST_EXACT_CPU_MOE = (1, 32)  # onnxruntime 1.31.1's CPU MoE kernel renormalised the top-k weights (measured)
+
+
+def check_moe_kernel(manifest: Manifest, provider: str) -> None:
+    """Refuse a fused-MoE export on a CPU kernel that computes a different routing (it would run, wrongly)."""
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if manifest.raw.get("moe") == "fused" and provider == "CPUExecutionProvider" and version < FIRST_EXACT_CPU_MOE:
+        raise UnsupportedGraphError(
+            f"onnxruntime {ort.__version__}'s CPU MoE kernel mixes the experts with renormalised weights, not the "
+            "model's; use onnxruntime >= 1.32 on the CPU, or an export made with --moe decomposed")
 
 
 class GraphSession:
@@ -86,6 +98,7 @@ class GraphSession:
                                                    threads=threads, session_options=session_options,
                                                    allow_fallback=allow_fallback)
         check_graph(self.session, FORWARD, manifest.sizes.n_layers, manifest.graph_path)
+        check_moe_kernel(manifest, self.provider)
         self._device = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(self.provider)
         self._device_id = device_id
 

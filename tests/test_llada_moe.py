@@ -188,3 +188,13 @@ def test_chat_with_an_instruct_layout_export(moe_fused):
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("llada>") == 2
+
+
+def test_an_older_cpu_moe_kernel_is_refused(moe_fused, monkeypatch):
+    from llada_onnx.runtime import UnsupportedGraphError, session
+
+    monkeypatch.setattr(session.ort, "__version__", "1.31.1")
+    with pytest.raises(UnsupportedGraphError, match="onnxruntime >= 1.32 on the CPU, or an export made with --moe "
+                                                    "decomposed"):
+        Pipeline.from_pretrained(moe_fused)
+
