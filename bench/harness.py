@@ -25,6 +25,9 @@ PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4),
     "100m": dict(d_model=384, n_layers=6, n_heads=6),
 }
+# LLaDA-MoE-7B-A1B's real width, experts and vocabulary with 2 of its 16 layers (1.5B parameters, 0.3B active)
+MOE_PRESETS = {"moe-2l": dict(d_model=2048, n_layers=2, n_heads=16, num_experts=64, experts_per_token=8,
+                              expert_size=1024)}
 BLOCK = 32
 
 
@@ -42,6 +45,7 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
     import torch
 
     from llada_onnx.models import LLaDAConfig, make_tiny_checkpoint
+    from llada_onnx.models.tiny import make_tiny_moe_checkpoint
     from llada_onnx.runtime import default_checkpoint_dir
 
     if name == "default":
@@ -54,10 +58,14 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
             c = LLaDAConfig.from_dict(json.loads(Path(config).read_text()))
             shape = dict(d_model=c.d_model, n_layers=n_layers or c.n_layers, n_heads=c.n_heads,
                          n_kv_heads=c.n_kv_heads, mlp_hidden_size=c.mlp_hidden_size, vocab_size=c.vocab_size)
+        elif name in MOE_PRESETS:
+            print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
+            make_tiny_moe_checkpoint(ckpt, max_shard_bytes=2 << 30, **MOE_PRESETS[name])
+            return ckpt
         elif name in PRESETS:
             shape = PRESETS[name]
         else:
-            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, 8b or default")
+            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, moe-2l, 8b or default")
         print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
         # the 8B shape in bf16 as LLaDA ships (16 GB instead of 32: with its exports it fits a 64 GB disk)
         dtype = torch.bfloat16 if name == "8b" else torch.float32
@@ -141,12 +149,12 @@ class TorchEngine:
     def __init__(self, model: Model, device: str):
         import torch
 
-        from llada_onnx.models import LLaDAModel, generate
+        from llada_onnx.models import generate, load_model
 
         self.torch, self.generate = torch, generate
         self.device = device
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = LLaDAModel.from_pretrained(model.checkpoint, dtype=dtype, device=device)
+        self.model = load_model(model.checkpoint, dtype=dtype, device=device)
         self.dtype = str(dtype).removeprefix("torch.")
         self.sync = torch.cuda.synchronize if device == "cuda" else None
 

@@ -78,7 +78,7 @@ def chart(report: dict):
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="tiny,100m", help="comma list of tiny, 100m, 8b, default")
+    p.add_argument("--models", default="tiny,100m", help="comma list of tiny, 100m, moe-2l, 8b, default")
     p.add_argument("--settings", default="128,256", help="generation lengths (steps = length, block 32)")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--prompt-length", type=int, default=64)
