@@ -198,3 +198,11 @@ def test_an_older_cpu_moe_kernel_is_refused(moe_fused, monkeypatch):
                                                     "decomposed"):
         Pipeline.from_pretrained(moe_fused)
 
+
+
+def test_verify_passes_on_both_forms(moe_ckpt, moe_fused, moe_decomposed):
+    from llada_onnx.export.verify import verify
+
+    for export_dir in (moe_fused, moe_decomposed):
+        report = verify(moe_ckpt, export_dir, prompts=["the king and the queen", "a lord"])
+        assert report["exact"] and report["passed"], report["first_failure"]
