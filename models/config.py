@@ -138,17 +138,7 @@ class LLaDAConfig:
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path) -> "LLaDAConfig":
         """Read ``config.json`` plus the special ids of ``generation_config.json`` and ``tokenizer_config.json``."""
-        path = Path(checkpoint_dir)
-        cfg_file, raw = read_config_json(path)
-        gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
-            if raw.get(key) is None and isinstance(gen.get(key), int):
-                raw[key] = gen[key]
-        tok_file = path / "tokenizer_config.json"
-        if tok_file.is_file():
-            eot = token_id_by_text(_read_json(tok_file), EOT_TOKEN_TEXT)
-            if eot is not None:
-                raw.setdefault("eot_token_id", eot)
+        cfg_file, raw = read_config_with_ids(Path(checkpoint_dir), EOT_TOKEN_TEXT)
         return cls.from_dict(raw, source=str(cfg_file))
 
     # ------------------------------------------------------------------ writing
@@ -201,6 +191,22 @@ def token_id_by_text(tokenizer_config: dict[str, Any], text: str) -> int | None:
 def _refuse(raw: dict[str, Any], source: str, field: str, bad, why: str) -> None:
     if field in raw and bad(raw[field]):
         raise UnsupportedConfigError(f"{source}: unsupported {field}={raw[field]!r}: {why}")
+
+
+def read_config_with_ids(checkpoint_dir: Path, eot_text: str) -> tuple[Path, dict[str, Any]]:
+    """``config.json`` with the special ids it leaves out filled in from ``generation_config.json`` (BOS, EOS,
+    pad, mask) and from ``tokenizer_config.json`` (the end-of-turn token, found by its text ``eot_text``)."""
+    file, raw = read_config_json(checkpoint_dir)
+    gen_file, tok_file = checkpoint_dir / "generation_config.json", checkpoint_dir / "tokenizer_config.json"
+    gen = _read_json(gen_file) if gen_file.is_file() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
+        if raw.get(key) is None and isinstance(gen.get(key), int):
+            raw[key] = gen[key]
+    if tok_file.is_file():
+        eot = token_id_by_text(_read_json(tok_file), eot_text)
+        if eot is not None:
+            raw.setdefault("eot_token_id", eot)
+    return file, raw
 
 
 def read_config_json(checkpoint_dir: Path) -> tuple[Path, dict[str, Any]]:

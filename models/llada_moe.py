@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime import json_fields as fields
 from ..runtime.contract import ModelSizes
-from .config import CheckpointError, UnsupportedConfigError, _read_json, read_config_json, token_id_by_text
+from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids
 from .modeling import RMSNorm, apply_rotary, attend, cached_bias, padding_bias, rotary_at
 from .moe import interleave_gate_up, moe_swiglu
 from .registry import Architecture, register
@@ -117,16 +117,7 @@ class LLaDAMoEConfig:
     def from_pretrained(cls, checkpoint_dir: str | Path) -> "LLaDAMoEConfig":
         """``config.json``, then ids from ``generation_config.json`` and ``tokenizer_config.json`` (the end of turn
         is ``<|role_end|>`` in this tokenizer family) where the config does not state them."""
-        path = Path(checkpoint_dir)
-        file, raw = read_config_json(path)
-        gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
-            if raw.get(key) is None and isinstance(gen.get(key), int):
-                raw[key] = gen[key]
-        if (path / "tokenizer_config.json").is_file():
-            eot = token_id_by_text(_read_json(path / "tokenizer_config.json"), EOT_TOKEN_TEXT)
-            if eot is not None:
-                raw.setdefault("eot_token_id", eot)
+        file, raw = read_config_with_ids(Path(checkpoint_dir), EOT_TOKEN_TEXT)
         return cls.from_dict(raw, source=str(file))
 
     def to_dict(self) -> dict[str, Any]:
