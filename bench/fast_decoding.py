@@ -1,6 +1,7 @@
 """Fast decoding on the embedded default model: speed and what it costs in quality, against exact decoding.
 
     python -m bench.fast_decoding [--gens 128,256] [--reps 3] [--out bench/results/fast-decoding]
+    python -m bench.fast_decoding --export DIR --prompts 2 ...   # any export made with --cache
 
 Prompts are opening lines of the three plays held out of the default model's training (public domain). For each
 policy (exact; threshold 0.9 / 0.8 / 0.7; factor 1.0) and generation length (block 32, temperature 0, batch 1,
@@ -65,13 +66,15 @@ def continuation_loss(pipe: Pipeline, canvas: np.ndarray, prompt_len: int, seed:
     return total / count
 
 
-def run(gens: list[int], reps: int, policies: dict = POLICIES) -> dict:
-    """``policies`` must include ``("exact", "none")``, the baseline of the speed-ups."""
-    pipe = Pipeline.from_pretrained()
+def run(gens: list[int], reps: int, policies: dict = POLICIES, export: str | None = None,
+        prompts: list[str] = PROMPTS) -> dict:
+    """``policies`` must include ``("exact", "none")``, the baseline of the speed-ups; ``export``: an export made
+    with ``--cache`` (default: the embedded model)."""
+    pipe = Pipeline.from_pretrained(export)
     rows = []
     for gen in gens:
         samples = {name: {"wall": [], "model": [], "calls": [], "agree": [], "loss": []} for name in policies}
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(prompts):
             ids, mask = pipe.codec.encode_batch([prompt], chat=False)
             outputs, walls, models, calls = {}, {name: [] for name in policies}, {name: [] for name in policies}, {}
             for _ in range(reps):  # policies alternate within each repetition
@@ -105,7 +108,8 @@ def run(gens: list[int], reps: int, policies: dict = POLICIES) -> dict:
             if r["gen_length"] == gen:
                 r["speedup_vs_exact"] = r["tokens_per_s"] / exact["tokens_per_s"]
                 r["model_speedup_vs_exact"] = exact["model_s"] / r["model_s"]
-    return {"rows": rows, "prompts": PROMPTS, "reps": reps, "block_length": 32}
+    return {"rows": rows, "prompts": prompts, "reps": reps, "block_length": 32,
+            "model": str(pipe.manifest.directory)}
 
 
 def markdown(report: dict) -> str:
@@ -144,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rules", default=",".join(RULES), help="comma-separated subset of: " + ", ".join(RULES))
     p.add_argument("--caches", default=",".join(CACHES))
+    p.add_argument("--export", help="an export made with --cache (default: the embedded model)")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     p.add_argument("--out", default="bench/results/fast-decoding")
     a = p.parse_args(argv)
     rules, caches = a.rules.split(","), a.caches.split(",")
     policies = {(rule, cache): POLICIES[rule, cache] for rule in rules for cache in caches}
     if ("exact", "none") not in policies:
         p.error("--rules must include exact and --caches none: exact decoding without a cache is the baseline")
-    report = run([int(g) for g in a.gens.split(",")], a.reps, policies)
+    report = run([int(g) for g in a.gens.split(",")], a.reps, policies, a.export, PROMPTS[:a.prompts])
     save_report(Path(a.out), report, markdown(report), chart, "speed_quality.png")
     return 0
 
