@@ -30,7 +30,7 @@ from ..runtime.manifest import FUSIONS, manifest_dict
 from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
 from .graph import CachedSamplerGraph, SamplerGraph
 from .moe import MOE_FORMS, translation_table
-from .quantize import Quantization, QuantizationError, quantize_graph
+from .quantize import Quantization, QuantizationError, quantize_graph, remove_graph
 from .shared_weights import share_weights
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 from .validate import ValidationError, validate_cache_graph, validate_export
@@ -241,7 +241,7 @@ def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple
     if quantize:
         with stages.stage(f"quantizing {what} ({quantization.variant})"):
             quantized = quantize_graph(saved, target, quantization, embedding_size)
-            _remove_graph(saved)
+            remove_graph(saved)
     return fusions, quantized
 
 
@@ -335,11 +335,6 @@ def _chat_template(ckpt: Path) -> str | None:
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
     return template if isinstance(template, str) else None
-
-
-def _remove_graph(graph: Path) -> None:
-    for path in (graph, graph.with_name(graph.name + ".data")):
-        path.unlink()
 
 
 def _say(line: str) -> None:

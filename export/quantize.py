@@ -148,7 +148,7 @@ def _int8(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
     quantized = onnx.load(str(target), load_external_data=False)
     if quantize_experts(quantized, target.parent, "int8", 0):  # quantize_dynamic leaves MoE nodes as they are
         onnx.load_external_data_for_model(quantized, str(target.parent))
-        _remove_graph_files(target)  # onnx appends to an existing data file
+        remove_graph(target)  # onnx appends to an existing data file
         onnx.save(quantized, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=target.name + ".data", size_threshold=1024)
 
@@ -172,7 +172,8 @@ def _int4(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
               location=target.name + ".data", size_threshold=1024)
 
 
-def _remove_graph_files(graph: Path) -> None:
+def remove_graph(graph: Path) -> None:
+    """A graph file and its external data file."""
     for path in (graph, graph.with_name(graph.name + ".data")):
         path.unlink(missing_ok=True)
 

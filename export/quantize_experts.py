@@ -47,7 +47,7 @@ def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
             outs.append((name + "_q", name + "_scales"))
             model.graph.initializer.remove(initializers[name])
         float_logits, probs = f"{node.name}_router_float", f"{node.name}_router_weights"
-        weight_type = next((t.data_type for t in initializers.values() if t.name == fc1_name), TensorProto.FLOAT)
+        weight_type = initializers[fc1_name].data_type
         extra = [helper.make_node("Cast", [logits], [float_logits], to=TensorProto.FLOAT,
                                   name=f"{node.name}_cast"),
                  helper.make_node("Softmax", [float_logits], [probs + "_f"], axis=-1, name=f"{node.name}_softmax"),

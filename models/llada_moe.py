@@ -26,7 +26,7 @@ from torch import nn
 from ..runtime import json_fields as fields
 from ..runtime.contract import ModelSizes
 from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids
-from .modeling import RMSNorm, apply_rotary, attend, cached_bias, padding_bias, rotary_at
+from .modeling import MaskPredictor, RMSNorm, apply_rotary, attend, cached_bias, optional_padding_bias, rotary_at
 from .moe import interleave_gate_up, moe_swiglu
 from .registry import Architecture, register
 
@@ -223,9 +223,9 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LLaDAMoEModel(nn.Module):
-    """The mask predictor, with dense LLaDA's interface (``forward``, ``hidden_states``, ``cached_hidden_states``,
-    ``lm_head``, ``fuse_projections``), which the exporter and the samplers rely on."""
+class LLaDAMoEModel(MaskPredictor):
+    """The mask predictor: ``hidden_states``, ``cached_hidden_states``, ``lm_head`` and ``fuse_projections`` as
+    dense LLaDA's, which the exporter and the samplers rely on."""
 
     def __init__(self, cfg: LLaDAMoEConfig):
         super().__init__()
@@ -246,9 +246,7 @@ class LLaDAMoEModel(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, always_mask: bool = False):
         b, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device).expand(b, length)
-        bias = None
-        if attention_mask is not None and (always_mask or not bool((attention_mask != 0).all())):
-            bias = padding_bias(attention_mask, self.model.embed_tokens.weight.dtype)
+        bias = optional_padding_bias(attention_mask, self.model.embed_tokens.weight.dtype, always_mask)
         return self._run(input_ids, positions, bias, None)[0]
 
     def cached_hidden_states(self, input_ids, attention_mask, positions, past):
@@ -256,28 +254,11 @@ class LLaDAMoEModel(nn.Module):
         bias = cached_bias(attention_mask, positions, past[0][0].shape[2], self.model.embed_tokens.weight.dtype)
         return self._run(input_ids, positions, bias, past)
 
-    def forward(self, input_ids, attention_mask=None, positions=None, always_mask: bool = False):
-        h = self.hidden_states(input_ids, attention_mask, always_mask)
-        if positions is not None:
-            h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
-        return self.lm_head(h)
-
     def fuse_projections(self) -> "LLaDAMoEModel":
         """Stack every layer's experts into the MoE op's two weight tensors (for export); returns the model."""
         for layer in self.model.layers:
             layer.mlp.stack_experts()
         return self
-
-    @classmethod
-    def from_pretrained(cls, checkpoint_dir, dtype=torch.float32, device="cpu") -> "LLaDAMoEModel":
-        from .checkpoint import load_model
-
-        return load_model(checkpoint_dir, dtype=dtype, device=device)
-
-    def save_pretrained(self, out_dir, *, max_shard_bytes: int | None = None) -> None:
-        from .checkpoint import save_model
-
-        save_model(self, out_dir, max_shard_bytes=max_shard_bytes)
 
 
 def parameter_count(cfg: LLaDAMoEConfig) -> int:

@@ -197,6 +197,43 @@ def cached_bias(attention_mask: torch.Tensor, positions: torch.Tensor, cached: i
     return padding_bias(keep, dtype)
 
 
+def optional_padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype,
+                          always: bool) -> torch.Tensor | None:
+    """:func:`padding_bias`, or None when there is no mask, or nothing is padded and ``always`` is off (the
+    official models then run unmasked; a traced graph needs the bias ``always``, and adding 0 is exact)."""
+    if attention_mask is None or not (always or not bool((attention_mask != 0).all())):
+        return None
+    return padding_bias(attention_mask, dtype)
+
+
+class MaskPredictor(nn.Module):
+    """What every architecture's torch module offers the exporter and the samplers: ``hidden_states``,
+    ``cached_hidden_states`` and ``lm_head`` of its own, and on them the logits (:meth:`forward`) and the
+    checkpoint IO, written once here."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, always_mask: bool = False) -> torch.Tensor:
+        """Logits ``[B, L, vocab]``, or ``[B, count, vocab]`` for the ``positions`` ``[B, count]`` only."""
+        h = self.hidden_states(input_ids, attention_mask, always_mask)
+        if positions is not None:
+            h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(h)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "MaskPredictor":
+        """Load a Hugging Face checkpoint directory (safetensors only; see :mod:`.checkpoint`)."""
+        from .checkpoint import load_model
+
+        return load_model(checkpoint_dir, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` and safetensors weights in the official layout (sharded above ``max_shard_bytes``)."""
+        from .checkpoint import save_model
+
+        save_model(self, out_dir, max_shard_bytes=max_shard_bytes)
+
+
 class _Transformer(nn.Module):
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -215,7 +252,7 @@ class _Wrapper(nn.Module):
         self.transformer = _Transformer(cfg)
 
 
-class LLaDAModel(nn.Module):
+class LLaDAModel(MaskPredictor):
     """The LLaDA mask predictor: ``(input_ids, attention_mask, positions) -> logits``.
 
     ``attention_mask`` ([B, L], 1 = token, 0 = pad) becomes an additive key-padding bias with the dtype's most
@@ -237,9 +274,7 @@ class LLaDAModel(nn.Module):
         x = t.wte(input_ids)
         cos, sin = rotary_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
         cos, sin = cos[:, None], sin[:, None]  # [L, 1, head_dim]: over [B, L, heads, head_dim]
-        bias = None
-        if attention_mask is not None and (always_mask or not bool((attention_mask != 0).all())):
-            bias = padding_bias(attention_mask, x.dtype)
+        bias = optional_padding_bias(attention_mask, x.dtype, always_mask)
         for block in t.blocks:
             x = block(x, cos, sin, bias)[0]
         return t.ln_f(x)
@@ -279,25 +314,3 @@ class LLaDAModel(nn.Module):
         weight = t.wte.weight if self.config.weight_tying else t.ff_out.weight
         return F.linear(h, weight)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, always_mask: bool = False) -> torch.Tensor:
-        """Logits ``[B, L, vocab]``, or ``[B, count, vocab]`` for the ``positions`` ``[B, count]`` only."""
-        h = self.hidden_states(input_ids, attention_mask, always_mask)
-        if positions is not None:
-            h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
-        return self.lm_head(h)
-
-    # ------------------------------------------------------------------ io
-    @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "LLaDAModel":
-        """Load a Hugging Face LLaDA directory (safetensors only; see :mod:`.checkpoint`)."""
-        from .checkpoint import load_model
-
-        return load_model(checkpoint_dir, dtype=dtype, device=device)
-
-    def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
-        """Write ``config.json`` and safetensors weights in the official layout (sharded above ``max_shard_bytes``)."""
-        from .checkpoint import save_model
-
-        save_model(self, out_dir, max_shard_bytes=max_shard_bytes)
