@@ -104,15 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", choices=("none", "ort"), default="none", help="export fusion of both graphs")
     p.add_argument("--lengths", default="384,1088")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--export", help="time this export (made with --cache) instead of the --models one")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
     p.add_argument("--work", default=".bench")
     p.add_argument("--out", default="bench/results/cache-step")
     a = p.parse_args(argv)
-    model = prepare_model(a.models, Path(a.work), a.provider, a.config, [a.fusion],
-                          a.n_layers if a.models == "8b" else None, cache=True)
-    pipe = Pipeline.from_pretrained(model.onnx[a.fusion], provider=a.provider)
+    if a.export:
+        pipe = Pipeline.from_pretrained(a.export, provider=a.provider, threads=a.threads)
+        name, parameters = Path(a.export).name, pipe.manifest.raw["model"]["parameters"]
+    else:
+        model = prepare_model(a.models, Path(a.work), a.provider, a.config, [a.fusion],
+                              a.n_layers if a.models == "8b" else None, cache=True)
+        pipe = Pipeline.from_pretrained(model.onnx[a.fusion], provider=a.provider, threads=a.threads)
+        name, parameters = model.name, model.parameters
     lengths = [int(n) for n in a.lengths.split(",") if int(n) <= pipe.manifest.max_sequence_length]
     uncaptured = KVCacheSession(pipe.manifest, "cuda", cuda_graphs=False) if a.provider == "cuda" else None
-    report = {"model": model.name, "parameters": model.parameters, "provider": a.provider, "fusion": a.fusion,
+    report = {"model": name, "parameters": parameters, "provider": a.provider, "fusion": a.fusion,
               "reps": a.reps,
               "machine": machine(), "rows": [measure(pipe, n, a.reps, uncaptured) for n in lengths]}
     save_report(Path(a.out), report, markdown(report), chart, "latency.png")

@@ -25,9 +25,10 @@ PRESETS = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4),
     "100m": dict(d_model=384, n_layers=6, n_heads=6),
 }
-# LLaDA-MoE-7B-A1B's real width, experts and vocabulary with 2 of its 16 layers (1.5B parameters, 0.3B active)
-MOE_PRESETS = {"moe-2l": dict(d_model=2048, n_layers=2, n_heads=16, num_experts=64, experts_per_token=8,
-                              expert_size=1024)}
+# LLaDA-MoE-7B-A1B's real width, experts and vocabulary: with 2 of its 16 layers (1.5B parameters, 0.3B active),
+# and the whole model (7.35B, written in bf16 as it ships: 14.7 GB)
+_MOE_WIDTH = dict(d_model=2048, n_heads=16, num_experts=64, experts_per_token=8, expert_size=1024)
+MOE_PRESETS = {"moe-2l": dict(_MOE_WIDTH, n_layers=2), "moe-7b": dict(_MOE_WIDTH, n_layers=16)}
 BLOCK = 32
 
 
@@ -60,12 +61,15 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
                          n_kv_heads=c.n_kv_heads, mlp_hidden_size=c.mlp_hidden_size, vocab_size=c.vocab_size)
         elif name in MOE_PRESETS:
             print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
-            make_tiny_moe_checkpoint(ckpt, max_shard_bytes=2 << 30, **MOE_PRESETS[name])
+            full = name == "moe-7b"
+            make_tiny_moe_checkpoint(ckpt, max_shard_bytes=5 << 30 if full else 2 << 30, **MOE_PRESETS[name],
+                                     dtype=torch.bfloat16 if full else torch.float32,
+                                     device="cuda" if full and torch.cuda.is_available() else "cpu")
             return ckpt
         elif name in PRESETS:
             shape = PRESETS[name]
         else:
-            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, moe-2l, 8b or default")
+            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, moe-2l, moe-7b, 8b or default")
         print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
         # the 8B shape in bf16 as LLaDA ships (16 GB instead of 32: with its exports it fits a 64 GB disk)
         dtype = torch.bfloat16 if name == "8b" else torch.float32

@@ -1,0 +1,176 @@
+"""One full forward of the exact sampler, torch against the runtime, in one process: the GPU yardstick.
+
+    python -m bench.forward --models moe-7b --export DIR --provider cuda --batches 1,4 --compile default,reduce-overhead
+
+The canvas is the exact sampler's (``--length`` tokens: a 64-token prompt, the rest masked) and each engine
+predicts the positions of one 32-token block, as a step of the sampler does:
+
+- torch eager: the project's torch model from the checkpoint (bf16 on CUDA, fp32 on the CPU), experts stacked
+  once as the exporter stacks them, ``model(ids, mask, block)``;
+- torch.compile of that call, once per ``--compile`` mode (``dynamic=False``; a mode that fails to compile is
+  reported with its error instead of a time);
+- the runtime: each ``--export``'s graph through ``GraphSession.run``, the sampler's own call (inputs bound on the
+  device on CUDA).
+
+Engines alternate round by round; medians of ``--reps`` after ``--warmup`` calls. Writes ``report.json``,
+``report.md`` and ``forward.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .harness import machine, model_checkpoint
+from .report import pyplot, save_report, table
+
+PROMPT, BLOCK = 64, 32
+
+
+def torch_calls(ckpt: Path, device: str, modes: list[str]) -> dict:
+    """``{engine name: (fn(ids, mask, block) -> None)}`` for torch eager and each compile mode."""
+    import torch
+
+    from llada_onnx.models import load_model
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_model(ckpt, dtype=dtype, device=device).eval().fuse_projections()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    label = str(dtype).removeprefix("torch.")
+
+    def runner(fn):
+        @torch.no_grad()
+        def call(ids, mask, block):
+            fn(ids, mask, block, always_mask=True)
+            sync()
+        return call
+
+    calls = {f"torch {label} eager": runner(model)}
+    for mode in modes:
+        calls[f"torch {label} compile ({mode})"] = runner(
+            torch.compile(model, dynamic=False, mode=None if mode == "default" else mode))
+    return calls
+
+
+def runtime_calls(exports: list[Path], provider: str, threads: int | None) -> dict:
+    from llada_onnx.runtime import Pipeline
+
+    calls = {}
+    for export in exports:
+        pipe = Pipeline.from_pretrained(export, provider=provider, threads=threads)
+        name = f"llada-onnx {pipe.manifest.variant} {pipe.manifest.dtype} ({export.name})"
+        calls[name] = lambda ids, mask, block, graph=pipe.graph: graph.run(ids, mask, block)
+    return calls
+
+
+def measure(torch_side: dict, runtime_side: dict, *, vocab: int, mask_id: int, batch: int, length: int,
+            device: str, warmup: int, reps: int) -> dict:
+    """Median ms per engine at one batch size; an engine that raises is reported with its error."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(vocab, 1000), size=(batch, length))
+    ids[:, PROMPT:] = mask_id
+    mask = np.ones_like(ids)
+    block = np.broadcast_to(np.arange(PROMPT, PROMPT + BLOCK), (batch, BLOCK)).copy()
+    inputs = {}
+    if torch_side:
+        import torch
+
+        inputs["torch"] = tuple(torch.from_numpy(a).to(device) for a in (ids, mask, block))
+    inputs["runtime"] = (ids, mask, block)
+    engines = {**{n: (f, "torch") for n, f in torch_side.items()}, **{n: (f, "runtime") for n, f in runtime_side.items()}}
+    times: dict[str, list[float]] = {n: [] for n in engines}
+    errors: dict[str, str] = {}
+    for name, (fn, side) in engines.items():
+        start = time.perf_counter()
+        try:
+            for _ in range(warmup):
+                fn(*inputs[side])
+        except Exception as exc:  # a compile mode that cannot handle the model is a result, not a crash
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        print(f"[bench] {name}: warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    for _ in range(reps):
+        for name, (fn, side) in engines.items():
+            if name in errors:
+                continue
+            start = time.perf_counter()
+            fn(*inputs[side])
+            times[name].append(time.perf_counter() - start)
+    return {name: ({"error": errors[name]} if name in errors else {"ms": 1000 * statistics.median(times[name])})
+            for name in engines}
+
+
+def markdown(report: dict) -> str:
+    """One table; the ratio column is against the first torch.compile mode that ran (the baseline that counts on
+    a GPU), else against the first engine."""
+    lines = [f"{report['model']}, {report['device']} ({report['machine'].get('gpu') or report['machine']['processor']}),"
+             f" canvas {report['length']} (prompt {PROMPT}), predicting a {BLOCK}-token block, medians of "
+             f"{report['reps']}:", ""]
+    rows, bases = [], set()
+    for batch, result in report["results"].items():
+        ran = {n: r["ms"] for n, r in result.items() if "ms" in r}
+        base = next((n for n in ran if "compile" in n), next(iter(ran), None))
+        bases.add(base)
+        for name, r in result.items():
+            ratio = f"{r['ms'] / ran[base]:.2f}x" if "ms" in r else "-"
+            rows.append([batch, name, f"{r['ms']:.2f}" if "ms" in r else "failed: " + r["error"], ratio])
+    lines += table(["batch", "engine", "ms / forward", f"vs {' / '.join(sorted(b for b in bases if b))}"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    labels, values = [], []
+    for batch, result in report["results"].items():
+        for name, r in result.items():
+            if "ms" in r:
+                labels.append(f"b{batch} {name}")
+                values.append(r["ms"])
+    ax.barh(labels[::-1], values[::-1])
+    ax.set_xlabel("ms per forward")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.forward", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="moe-7b", help="benchmark model name (see bench.harness) for torch's side")
+    p.add_argument("--config", help="config.json for --models 8b")
+    p.add_argument("--export", action="append", default=[], help="an export directory to time (repeatable)")
+    p.add_argument("--provider", default="cuda")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--length", type=int, default=320)
+    p.add_argument("--compile", default="default,reduce-overhead",
+                   help="torch.compile modes, comma-separated ('' for none)")
+    p.add_argument("--no-torch", action="store_true", help="time the exports only")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--work", default=".bench")
+    p.add_argument("--out", default="bench/results/forward")
+    a = p.parse_args(argv)
+    from llada_onnx.models import read_checkpoint_config
+
+    device = "cuda" if a.provider == "cuda" else "cpu"
+    ckpt = model_checkpoint(a.models, Path(a.work), a.config)
+    architecture, cfg = read_checkpoint_config(ckpt)
+    modes = [m for m in a.compile.split(",") if m]
+    torch_side = {} if a.no_torch else torch_calls(ckpt, device, modes)
+    runtime_side = runtime_calls([Path(e) for e in a.export], a.provider, a.threads)
+    vocab, mask_id = architecture.sizes(cfg).vocab_size, cfg.special_ids()["mask_token_id"]
+    results = {b: measure(torch_side, runtime_side, vocab=vocab, mask_id=mask_id, batch=b,
+                          length=a.length, device=device, warmup=a.warmup, reps=a.reps)
+               for b in (int(x) for x in a.batches.split(","))}
+    report = {"model": f"{a.models} ({architecture.parameter_count(cfg) / 1e6:,.0f}M parameters)",
+              "device": a.provider, "length": a.length, "reps": a.reps, "machine": machine(), "results": results}
+    save_report(Path(a.out), report, markdown(report), chart, "forward.png")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
