@@ -65,9 +65,10 @@ def measure(pipe: Pipeline, length: int, reps: int, uncaptured: KVCacheSession |
 
 
 def markdown(report: dict) -> str:
+    where = report["machine"].get("gpu") if report["provider"] == "cuda" else report["machine"]["processor"]
+    threads = f" ({report['threads']} threads)" if report.get("threads") else ""
     lines = [f"{report['model']} ({report['parameters'] / 1e6:,.0f}M parameters), {report['provider']}, "
-             f"fusion {report.get('fusion', 'none')}, "
-             f"{report['machine'].get('gpu') or report['machine']['processor']}, batch 1, block {BLOCK}, "
+             f"fusion {report.get('fusion', 'none')}, {where}{threads}, batch 1, block {BLOCK}, "
              f"medians of {report['reps']}:", ""]
     plain = "dual_step_uncaptured_ms" in report["rows"][0]
     lines += table(["canvas length", "full forward ms", "refresh ms", "dual-cache step ms",
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         name, parameters = model.name, model.parameters
     lengths = [int(n) for n in a.lengths.split(",") if int(n) <= pipe.manifest.max_sequence_length]
     uncaptured = KVCacheSession(pipe.manifest, "cuda", cuda_graphs=False) if a.provider == "cuda" else None
-    report = {"model": name, "parameters": parameters, "provider": a.provider, "fusion": a.fusion,
+    report = {"model": name, "parameters": parameters, "provider": a.provider, "threads": a.threads,
+              "fusion": a.fusion,
               "reps": a.reps,
               "machine": machine(), "rows": [measure(pipe, n, a.reps, uncaptured) for n in lengths]}
     save_report(Path(a.out), report, markdown(report), chart, "latency.png")

@@ -107,7 +107,8 @@ def measure(torch_side: dict, runtime_side: dict, *, vocab: int, mask_id: int, b
 def markdown(report: dict) -> str:
     """One table; the ratio column is against the first torch.compile mode that ran (the baseline that counts on
     a GPU), else against the first engine."""
-    lines = [f"{report['model']}, {report['device']} ({report['machine'].get('gpu') or report['machine']['processor']}),"
+    where = report["machine"].get("gpu") if report["device"] == "cuda" else report["machine"]["processor"]
+    lines = [f"{report['model']}, {report['device']} ({where}),"
              f" canvas {report['length']} (prompt {PROMPT}), predicting a {BLOCK}-token block, medians of "
              f"{report['reps']}:", ""]
     rows, bases = [], set()

@@ -5,8 +5,8 @@
 #     GPU_PYTHONPATH=... CPU_PYTHONPATH=... bash bench/moe_real_shape.sh
 #
 # After the checkpoint is written (drawn on the GPU), two lanes run at once:
-#   GPU: fp16 fused export for CUDA -> one forward against torch bf16 eager and torch.compile (bench.forward)
-#        -> `llada-onnx quantize` to int4 (its peak RSS) -> the int4 graph's forward on CUDA
+#   GPU: fp16 fused export for CUDA (validated there) -> one forward against torch bf16 eager and torch.compile
+#        (bench.forward)
 #   CPU: the user's `llada-onnx export CKPT OUT --quantize int4 --cache` -> the same export at MatMulNBits
 #        accuracy level 4 -> one forward and the KV-cached steps on $THREADS cores -> `llada-onnx chat`
 # GPU_PYTHONPATH / CPU_PYTHONPATH put each lane's onnxruntime first (onnxruntime-gpu; onnxruntime >= 1.32, whose
@@ -26,10 +26,7 @@ gpu_lane() {
   log export fp16; timed llada-onnx export $CKPT $M/onnx-fp16-ort --dtype fp16 --device cuda --fusion ort --force
   log forward; python3 -m bench.forward --models moe-7b --work $W --export $M/onnx-fp16-ort --provider cuda \
       --batches 1,4 --out $R/gpu-h200-moe-7b-forward
-  log quantize int4; timed llada-onnx quantize $M/onnx-fp16-ort $M/onnx-fp16-ort-int4 --quantize int4 --device cuda
-  log forward int4; python3 -m bench.forward --models moe-7b --work $W --no-torch --export $M/onnx-fp16-ort \
-      --export $M/onnx-fp16-ort-int4 --provider cuda --batches 1,4 --out $R/gpu-h200-moe-7b-forward-int4
-  du -sh $M/onnx-fp16-ort $M/onnx-fp16-ort-int4
+  du -sh $M/onnx-fp16-ort
   log gpu lane done
 }
 

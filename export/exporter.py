@@ -111,6 +111,8 @@ def export(
     if architecture.experts and moe == "decomposed" and quantization.method != "none":
         raise ExportError("--quantize needs --moe fused: quantized experts are onnxruntime's QMoE op, and the "
                           "decomposed experts would stay in float")
+    if architecture.experts:
+        quantization.check_experts(dtype)
     translations = translation_table(moe) if architecture.experts else {}
     sizes = architecture.sizes(cfg)
     out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)

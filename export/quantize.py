@@ -65,6 +65,16 @@ class Quantization:
             raise QuantizationError("dynamic int8 quantization takes an fp32 graph (it is a CPU format); "
                                     "use --dtype fp32, or --quantize int4 for an fp16 graph")
 
+    def check_experts(self, dtype: str) -> None:
+        """Quantized experts are ``QMoE`` in onnxruntime's CPU layout, which only its CPU kernel reads: the CUDA
+        kernel takes weights pre-packed for its CUTLASS GEMMs (``pack_weights_for_cuda_mixed_gemm``), and given
+        this layout it returned wrong tokens at LLaDA-MoE's real shape (onnxruntime-gpu 1.31.1, every block
+        size). So experts are quantized in fp32 graphs, the CPU form, only."""
+        if self.method != "none" and dtype != "fp32":
+            raise QuantizationError(
+                "quantized experts run on onnxruntime's CPU kernel only (its CUDA kernel reads another weight "
+                "layout): quantize an fp32 export (--dtype fp32) for the CPU, and use the fp16 export on CUDA")
+
     @property
     def variant(self) -> str:
         """The name the manifest and the benchmarks use: ``exact``, ``int8``, ``int4-b32``, ...; ``-keephead``
@@ -207,6 +217,8 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
     if manifest.variant != "exact":
         raise QuantizationError(f"{source} is already quantized ({manifest.variant}); quantize a float export")
     quantization.check(manifest.dtype)
+    if manifest.raw.get("moe"):
+        quantization.check_experts(manifest.dtype)
     if quantization.method == "none":
         raise QuantizationError("no quantization asked for: use int8 or int4")
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)

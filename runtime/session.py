@@ -76,7 +76,12 @@ FIRST_EXACT_CPU_MOE = (1, 32)  # onnxruntime 1.31.1's CPU MoE kernel renormalise
 
 
 def check_moe_kernel(manifest: Manifest, provider: str) -> None:
-    """Refuse a fused-MoE export on a CPU kernel that computes a different routing (it would run, wrongly)."""
+    """Refuse a fused-MoE export on a kernel that would run it wrongly: a CPU kernel that computes a different
+    routing, or quantized experts (``QMoE``, written in the CPU kernel's weight layout) on CUDA."""
+    if manifest.raw.get("moe") == "fused" and manifest.variant != "exact" and provider == "CUDAExecutionProvider":
+        raise UnsupportedGraphError(
+            "this export's quantized experts are laid out for onnxruntime's CPU kernel, and the CUDA kernel would "
+            "compute wrong tokens with them: run it with --provider cpu, or use an fp16 export on CUDA")
     version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
     if manifest.raw.get("moe") == "fused" and provider == "CPUExecutionProvider" and version < FIRST_EXACT_CPU_MOE:
         raise UnsupportedGraphError(

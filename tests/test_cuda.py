@@ -193,24 +193,26 @@ def test_cuda_moe_fp32_against_torch(moe_cuda_exports, moe_model):
                                   fused.generate_ids(ids, mask, **kw))
 
 
-def test_cuda_moe_fp16_and_int4(tmp_path_factory):
-    """fp16 (the fused MoE kernel in half precision) validated on CUDA, and its int4 QMoE variant generating
-    (onnxruntime's CUDA QMoE needs expert widths that are multiples of 64)."""
+def test_cuda_moe_fp16_and_quantized_experts(tmp_path_factory):
+    """fp16 (the fused MoE kernel in half precision) validated on CUDA and generating; quantized experts, which
+    are written in the CPU kernel's layout, are refused on CUDA rather than run wrongly."""
     from llada_onnx.export import Quantization, export
+    from llada_onnx.export.quantize import QuantizationError
     from llada_onnx.models.tiny import make_tiny_moe_checkpoint
+    from llada_onnx.runtime import UnsupportedGraphError
 
     base = tmp_path_factory.mktemp("moe-fp16")
     ckpt = make_tiny_moe_checkpoint(base / "ckpt", expert_size=64, seed=2)
     report = export(ckpt, base / "fp16", dtype="fp16", device="cuda", cache=True, progress=False).validation
     print("MoE fp16 validation:", json.dumps(report))
     assert report["finite"] and report["top_ids_decisive_agreement"] >= 0.99
-    report = export(ckpt, base / "int4", dtype="fp16", device="cuda", cache=True, progress=False,
-                    quantization=Quantization("int4")).validation
-    print("MoE fp16 int4 validation:", json.dumps(report))
-    assert report["finite"]
     ids, mask = prompts(2, seed=2, pad_id=156892)
-    for name in ("fp16", "int4"):
-        pipe = Pipeline.from_pretrained(base / name, provider="cuda")
-        for options in ({}, {"cache": "dual", "threshold": 0.9}):
-            out = pipe.generate_ids(ids, mask, steps=16, gen_length=16, block_length=8, **options)
-            assert (out[:, ids.shape[1]:] != 156895).all()
+    pipe = Pipeline.from_pretrained(base / "fp16", provider="cuda")
+    for options in ({}, {"cache": "dual", "threshold": 0.9}):
+        out = pipe.generate_ids(ids, mask, steps=16, gen_length=16, block_length=8, **options)
+        assert (out[:, ids.shape[1]:] != 156895).all()
+    with pytest.raises(QuantizationError, match="CPU kernel only"):
+        export(ckpt, base / "int4", dtype="fp16", device="cuda", progress=False, quantization=Quantization("int4"))
+    export(ckpt, base / "int4", progress=False, quantization=Quantization("int4"))
+    with pytest.raises(UnsupportedGraphError, match="--provider cpu"):
+        Pipeline.from_pretrained(base / "int4", provider="cuda")

@@ -170,6 +170,18 @@ def test_quantized_exports(tmp_path, moe_ckpt, moe_fused, moe_decomposed):
         export(moe_ckpt, tmp_path / "no", moe="decomposed", quantization=Quantization("int4"), progress=False)
     with pytest.raises(ExportError, match="--moe fused"):
         quantize_export(moe_decomposed, tmp_path / "no", Quantization("int8"), progress=False)
+    # quantized experts are the CPU kernel's layout: no fp16 (CUDA) form, and a CUDA session refuses them
+    with pytest.raises(ExportError, match="quantize an fp32 export .* use the fp16 export on CUDA"):
+        export(moe_ckpt, tmp_path / "no", dtype="fp16", validate=False, quantization=Quantization("int4"),
+               progress=False)
+    assert not (tmp_path / "no").exists()
+    from llada_onnx.runtime import UnsupportedGraphError
+    from llada_onnx.runtime.manifest import Manifest
+    from llada_onnx.runtime.session import check_moe_kernel
+
+    with pytest.raises(UnsupportedGraphError, match="run it with --provider cpu, or use an fp16 export on CUDA"):
+        check_moe_kernel(Manifest.load(int4), "CUDAExecutionProvider")
+    check_moe_kernel(Manifest.load(moe_fused), "CUDAExecutionProvider")  # float experts run on CUDA
 
 
 def test_kv_cache_refreshed_every_step_is_exact(moe_fused):
