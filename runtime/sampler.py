@@ -13,7 +13,6 @@ never runs on committed tokens, and on the greedy path no vocabulary-sized tenso
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -25,7 +24,7 @@ from .model_calls import CachedForward, FullForward, ModelCall
 from .noise import Noise
 from .policies import CommitRule, commit_rule
 from .proposal import LLaDAProposal, Proposal
-from .session import GraphSession
+from .session import GraphSession, StepOutput
 from .settings import SamplerSettings, window_start
 
 
@@ -79,52 +78,96 @@ def run_sampler(call: ModelCall, proposal: Proposal, rule: CommitRule, prompt: n
                 attention_mask: np.ndarray | None, settings: SamplerSettings, *, mask_id: int,
                 stop_ids: tuple[int, int], pad_id: int, callback: Callback | None = None) -> np.ndarray:
     """The block-and-step loop over the three phases (see the module docstring)."""
-    s = settings
-    batch, prompt_len = prompt.shape
-    x = np.full((batch, prompt_len + s.gen_length), mask_id, dtype=np.int64)
-    x[:, :prompt_len] = prompt
-    am = np.ones_like(x)
-    if attention_mask is not None:
-        am[:, :prompt_len] = np.asarray(attention_mask, dtype=np.int64)
-    prompt_index = x != mask_id
-    cfg = s.cfg_scale > 0
-    if cfg:
-        am = np.concatenate([am, am])
+    run = SamplerRun(proposal, rule, prompt, attention_mask, settings, mask_id=mask_id, stop_ids=stop_ids,
+                     pad_id=pad_id)
+    while (request := run.next_call()) is not None:
+        info = run.take(call(*request.inputs, **request.options), call.seconds)
+        if callback is not None and callback(info) is False:
+            break
+    return run.canvas
 
-    step = 0
-    for block in range(s.num_blocks):
-        block_start = prompt_len + block * s.block_length
-        block_end = block_start + s.block_length
-        rule.start_block((x[:, block_start:block_end] == mask_id).sum(axis=1))
-        for i in itertools.count():
-            if rule.block_done(i, bool((x[:, :block_end] == mask_id).any())):
-                break
-            lo = window_start(x, mask_id, block_start)
+
+@dataclass
+class CallRequest:
+    """What one step asks of the model call: ``call(*inputs, **options)``."""
+
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray]  # canvas [rows, L], attention mask [rows, L], positions
+    options: dict  # step (within the block), window_start, block_end, logits
+
+
+class SamplerRun:
+    """One generation as a state machine: :meth:`next_call` says what the next step needs from the model (or
+    ``None`` when the generation is over), :meth:`take` applies the model's answer. :func:`run_sampler` drives
+    one run; the server's scheduler drives many, answering several runs' requests with one model call."""
+
+    def __init__(self, proposal: Proposal, rule: CommitRule, prompt: np.ndarray, attention_mask: np.ndarray | None,
+                 settings: SamplerSettings, *, mask_id: int, stop_ids: tuple[int, int], pad_id: int):
+        self.s, self.proposal, self.rule = settings, proposal, rule
+        self.mask_id, self.stop_ids, self.pad_id = mask_id, stop_ids, pad_id
+        batch, self.prompt_len = prompt.shape
+        x = np.full((batch, self.prompt_len + settings.gen_length), mask_id, dtype=np.int64)
+        x[:, :self.prompt_len] = prompt
+        am = np.ones_like(x)
+        if attention_mask is not None:
+            am[:, :self.prompt_len] = np.asarray(attention_mask, dtype=np.int64)
+        self.canvas, self.prompt_index = x, x != mask_id
+        self.cfg = settings.cfg_scale > 0
+        self.attention_mask = np.concatenate([am, am]) if self.cfg else am
+        self.block, self.i, self.step, self.done = 0, 0, 0, False
+        self._block_open = False
+        self._pending = None
+
+    @property
+    def block_end(self) -> int:
+        return self.prompt_len + (self.block + 1) * self.s.block_length
+
+    def next_call(self) -> CallRequest | None:
+        x, s = self.canvas, self.s
+        while not self.done:
+            block_start, block_end = self.block_end - s.block_length, self.block_end
+            if not self._block_open:
+                self.rule.start_block((x[:, block_start:block_end] == self.mask_id).sum(axis=1))
+                self._block_open, self.i = True, 0
+            if self.rule.block_done(self.i, bool((x[:, :block_end] == self.mask_id).any())):
+                self._end_block()
+                continue
+            lo = window_start(x, self.mask_id, block_start)
             # Only the window's masked positions can be committed: the graph predicts those alone (in canvas order,
             # rows padded to the batch's largest count), which keeps the vocabulary-sized head off the rest.
-            window = x[:, lo:block_end] == mask_id
+            window = x[:, lo:block_end] == self.mask_id
             order = np.argsort(~window, axis=1, kind="stable")[:, :max(1, int(window.sum(axis=1).max()))]
             masked = np.take_along_axis(window, order, axis=1)  # False on padding
             positions = lo + order
-            feed = np.concatenate([x, np.where(prompt_index, mask_id, x)]) if cfg else x
-            fed_positions = np.concatenate([positions, positions]) if cfg else positions
-            out = call(feed, am, fed_positions, step=i, window_start=lo, block_end=block_end,
-                       logits=proposal.needs_logits)
-            x0, confidence = proposal(out, order, window.shape[1])
+            self._pending = (order, masked, positions, window.shape[1])
+            feed = np.concatenate([x, np.where(self.prompt_index, self.mask_id, x)]) if self.cfg else x
+            fed_positions = np.concatenate([positions, positions]) if self.cfg else positions
+            return CallRequest((feed, self.attention_mask, fed_positions),
+                               dict(step=self.i, window_start=lo, block_end=block_end,
+                                    logits=self.proposal.needs_logits))
+        return None
 
-            confidence = np.where(masked, confidence, -np.inf)
-            committed = []
-            for j in range(batch):
-                ranked = np.argsort(-confidence[j], kind="stable")
-                chosen = ranked[:rule.count(j, i, confidence[j, ranked[:masked[j].sum()]])]
-                x[j, positions[j, chosen]] = x0[j, chosen]
-                committed.append(positions[j, chosen])
-            if callback is not None:
-                info = StepInfo(block, step, rule.total_steps, x, committed, prompt_len, call.seconds)
-                if callback(info) is False:
-                    return x
-            step += 1
-        if s.early_stop and np.isin(x[:, prompt_len:block_end], stop_ids).any(axis=1).all():
-            x[:, block_end:] = pad_id  # every row's text ends in a finished block: it is final
-            return x
-    return x
+    def _end_block(self) -> None:
+        x, s, block_end = self.canvas, self.s, self.block_end
+        self._block_open = False
+        if s.early_stop and np.isin(x[:, self.prompt_len:block_end], self.stop_ids).any(axis=1).all():
+            x[:, block_end:] = self.pad_id  # every row's text ends in a finished block: it is final
+            self.done = True
+        self.block += 1
+        self.done |= self.block == s.num_blocks
+
+    def take(self, out: StepOutput, model_seconds: float) -> StepInfo:
+        """Commit the step's tokens from the model's answer to the last :meth:`next_call`."""
+        order, masked, positions, width = self._pending
+        x0, confidence = self.proposal(out, order, width)
+        confidence = np.where(masked, confidence, -np.inf)
+        committed = []
+        for j in range(self.canvas.shape[0]):
+            ranked = np.argsort(-confidence[j], kind="stable")
+            chosen = ranked[:self.rule.count(j, self.i, confidence[j, ranked[:masked[j].sum()]])]
+            self.canvas[j, positions[j, chosen]] = x0[j, chosen]
+            committed.append(positions[j, chosen])
+        info = StepInfo(self.block, self.step, self.rule.total_steps, self.canvas, committed, self.prompt_len,
+                        model_seconds)
+        self.i += 1
+        self.step += 1
+        return info
