@@ -1,4 +1,5 @@
-"""``llada-onnx`` command line: ``export`` and ``quantize`` (need the export extra), ``generate`` and ``chat``.
+"""``llada-onnx`` command line: ``export``, ``quantize`` and ``verify`` (need the export extra), ``generate``,
+``chat`` and ``serve`` (needs the serve extra).
 
 A mistake in the user's input (any :class:`~llada_onnx.runtime.errors.LladaOnnxError`) is one line on stderr
 naming the flag or file, with exit code 2; anything else is a bug in llada-onnx and keeps its traceback (exit 1).
@@ -149,6 +150,20 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(c, "an export of an Instruct model (required: the embedded default model has no chat template)")
     _sampler_args(c)
     c.set_defaults(run=_chat)
+
+    s = command("serve", "an OpenAI-compatible HTTP server with a web page (needs llada-onnx[serve])",
+                "An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health) "
+                "and a web page at / that draws the canvas denoising. Concurrent requests share model calls "
+                "(step-level continuous batching). The sampler flags set the defaults that requests may override.")
+    _model_args(s, "an export directory (default: the embedded Shakespeare model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--max-batch", type=int, default=16, help="rows per model call (a CFG request counts two)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get HTTP 429")
+    s.add_argument("--api-key", default=os.environ.get("LLADA_ONNX_API_KEY"),
+                   help="require Authorization: Bearer KEY on /v1/ (default: $LLADA_ONNX_API_KEY; none: open)")
+    _sampler_args(s)
+    s.set_defaults(run=_serve)
     return p
 
 
@@ -302,6 +317,29 @@ def _chat(args) -> int:
             print(f"(the conversation outgrew the model's context: dropped the oldest {session.dropped_turns} "
                   "turn(s))", file=sys.stderr)
         print(f"llada> {answer}")
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as e:
+        raise InputError(f"serve needs the serve extra (pip install '.[serve]' in a clone): {e}") from None
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    _settings(args)  # the defaults must make a valid request themselves
+    pipe = _pipeline(args)
+    name = pipe.manifest.directory.name if args.model else "llada-onnx-default"
+    # unresolved, so that a request's max_tokens also moves the steps and block length that follow it
+    defaults = {field.name: getattr(args, field.name) for field in knobs()}
+    app = create_app(pipe, model_name=name, defaults=defaults, seed=args.seed,
+                     api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    print(f"llada-onnx serve: {name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 class _StepDisplay:

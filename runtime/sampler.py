@@ -22,6 +22,7 @@ from .errors import InputError
 from .kv_cache import KVCacheSession
 from .model_calls import CachedForward, FullForward, ModelCall
 from .noise import Noise
+from .manifest import Manifest
 from .policies import CommitRule, commit_rule
 from .proposal import LLaDAProposal, Proposal
 from .session import GraphSession, StepOutput
@@ -58,33 +59,34 @@ def generate_ids(
 
     With ``settings.cache`` other than "none", steps run on ``cache_graph`` (see :class:`CachedForward`).
     """
-    if settings.cache != "none" and cache_graph is None:
-        raise InputError(f"`cache` {settings.cache} needs the export's KV-cache graph (export with --cache)")
-    m = graph.manifest
-    mask_id = m.id("mask_token_id")
-    prompt = np.asarray(prompt, dtype=np.int64)
-    settings.check_request(prompt, attention_mask, mask_id=mask_id, pad_id=m.id("pad_token_id"),
-                           max_length=m.max_sequence_length)
-    call: ModelCall = (FullForward(graph) if settings.cache == "none"
-                       else CachedForward(cache_graph, settings.cache, settings.refresh_every))
-    proposal = LLaDAProposal(settings, noise, batch=prompt.shape[0], eos_id=m.id("eos_token_id"),
-                             eot_id=m.id("eot_token_id"))
-    return run_sampler(call, proposal, commit_rule(settings), prompt, attention_mask, settings, mask_id=mask_id,
-                       stop_ids=(m.id("eos_token_id"), m.id("eot_token_id")), pad_id=m.id("pad_token_id"),
-                       callback=callback)
-
-
-def run_sampler(call: ModelCall, proposal: Proposal, rule: CommitRule, prompt: np.ndarray,
-                attention_mask: np.ndarray | None, settings: SamplerSettings, *, mask_id: int,
-                stop_ids: tuple[int, int], pad_id: int, callback: Callback | None = None) -> np.ndarray:
-    """The block-and-step loop over the three phases (see the module docstring)."""
-    run = SamplerRun(proposal, rule, prompt, attention_mask, settings, mask_id=mask_id, stop_ids=stop_ids,
-                     pad_id=pad_id)
+    run = new_run(graph.manifest, prompt, attention_mask, settings, noise)
+    call = model_call(graph, settings, cache_graph)
     while (request := run.next_call()) is not None:
         info = run.take(call(*request.inputs, **request.options), call.seconds)
         if callback is not None and callback(info) is False:
             break
     return run.canvas
+
+
+def new_run(manifest: Manifest, prompt: np.ndarray, attention_mask: np.ndarray | None, settings: SamplerSettings,
+            noise: Noise) -> "SamplerRun":
+    """A checked request turned into its :class:`SamplerRun` (the official proposal and the settings' commit rule)."""
+    mask_id = manifest.id("mask_token_id")
+    prompt = np.asarray(prompt, dtype=np.int64)
+    settings.check_request(prompt, attention_mask, mask_id=mask_id, pad_id=manifest.id("pad_token_id"),
+                           max_length=manifest.max_sequence_length)
+    stop_ids = (manifest.id("eos_token_id"), manifest.id("eot_token_id"))
+    proposal = LLaDAProposal(settings, noise, batch=prompt.shape[0], eos_id=stop_ids[0], eot_id=stop_ids[1])
+    return SamplerRun(proposal, commit_rule(settings), prompt, attention_mask, settings, mask_id=mask_id,
+                      stop_ids=stop_ids, pad_id=manifest.id("pad_token_id"))
+
+
+def model_call(graph: GraphSession, settings: SamplerSettings, cache_graph: KVCacheSession | None) -> ModelCall:
+    if settings.cache == "none":
+        return FullForward(graph)
+    if cache_graph is None:
+        raise InputError(f"`cache` {settings.cache} needs the export's KV-cache graph (export with --cache)")
+    return CachedForward(cache_graph, settings.cache, settings.refresh_every)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class CallRequest:
 
 class SamplerRun:
     """One generation as a state machine: :meth:`next_call` says what the next step needs from the model (or
-    ``None`` when the generation is over), :meth:`take` applies the model's answer. :func:`run_sampler` drives
+    ``None`` when the generation is over), :meth:`take` applies the model's answer. :func:`generate_ids` drives
     one run; the server's scheduler drives many, answering several runs' requests with one model call."""
 
     def __init__(self, proposal: Proposal, rule: CommitRule, prompt: np.ndarray, attention_mask: np.ndarray | None,
