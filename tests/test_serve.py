@@ -4,70 +4,23 @@ streaming clients, and the web page in the system's headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 
 from llada_onnx.runtime import Pipeline
+from llada_onnx.serve.process import LocalServer
 
-CLI = str(Path(sys.executable).with_name("llada-onnx"))
 PROMPTS = ["ROMEO.", "JULIET.", "Enter HAMLET.", "What light", "KING. Speak", "My lord,", "O", "First Citizen."]
 
 
-class Server:
-    def __init__(self, *args: str, api_key: str | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, LLADA_ONNX_API_KEY=api_key or "")
-        self.proc = subprocess.Popen([CLI, "serve", "--port", str(self.port), *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                self.health()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
-                time.sleep(0.2)
-        raise RuntimeError("the server did not start")
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-            return json.loads(r.read())
-
+class Server(LocalServer):
     def client(self, key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def post(self, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
