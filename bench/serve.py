@@ -63,7 +63,7 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"`{report['command']}`: {report['model']}, {report['max_tokens']} tokens a request, "
+    lines = [f"`{report['command']}`: {report['model']} on {report.get('provider', 'cpu')}, {report['max_tokens']} tokens a request, "
              f"{report['requests']} requests per client, streaming, temperature 0.", ""]
     rows = []
     sequential = {r["clients"]: r for r in report["modes"]["sequential"]}
@@ -98,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default="bench/results/serve-cpu")
     a = p.parse_args(argv)
     from llada_onnx.serve.process import LocalServer
 
-    extra = (["--model", a.model] if a.model else []) + (["--threads", str(a.threads)] if a.threads else [])
+    extra = ((["--model", a.model] if a.model else []) + (["--threads", str(a.threads)] if a.threads else [])
+             + ["--provider", a.provider])
     modes = {}
     for mode, batch in (("batching", a.max_batch), ("sequential", 1)):
         server = LocalServer("--max-batch", str(batch), "--max-queue", "1024", *extra)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     report = {"command": "python -m bench.serve " + " ".join(sys.argv[1:] if argv is None else argv),
-              "model": a.model or "embedded default model", "max_tokens": a.max_tokens, "requests": a.requests,
+              "model": a.model or "embedded default model", "provider": a.provider, "max_tokens": a.max_tokens, "requests": a.requests,
               "machine": machine(), "modes": modes}
     save_report(Path(a.out), report, markdown(report), chart, "throughput.png")
     return 0

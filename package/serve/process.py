@@ -23,9 +23,9 @@ class LocalServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cli = Path(sys.executable).with_name("llada-onnx")
         env = dict(os.environ, LLADA_ONNX_API_KEY=api_key or "")
-        self.proc = subprocess.Popen([str(cli), "serve", "--port", str(self.port), *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "llada_onnx", "serve", "--port", str(self.port), *args],
+                                     env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + timeout
         while True:
