@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Sequence
@@ -162,6 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get HTTP 429")
     s.add_argument("--api-key", default=os.environ.get("LLADA_ONNX_API_KEY"),
                    help="require Authorization: Bearer KEY on /v1/ (default: $LLADA_ONNX_API_KEY; none: open)")
+    s.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve (needs llada-onnx[ray]): a local Ray cluster, or $RAY_ADDRESS")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, one onnxruntime session each")
+    s.add_argument("--num-cpus", type=float, default=1, help="with --ray: CPUs reserved per replica")
+    s.add_argument("--num-gpus", type=float, default=0, help="with --ray: GPUs reserved per replica")
     _sampler_args(s)
     s.set_defaults(run=_serve)
     return p
@@ -330,16 +336,49 @@ def _serve(args) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     _settings(args)  # the defaults must make a valid request themselves
-    pipe = _pipeline(args)
-    name = pipe.manifest.directory.name if args.model else "llada-onnx-default"
     # unresolved, so that a request's max_tokens also moves the steps and block length that follow it
     defaults = {field.name: getattr(args, field.name) for field in knobs()}
-    app = create_app(pipe, model_name=name, defaults=defaults, seed=args.seed,
-                     api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+    server = dict(defaults=defaults, seed=args.seed, api_key=args.api_key, max_batch=args.max_batch,
+                  max_queue=args.max_queue)
+    if args.ray:
+        return _serve_on_ray(args, server)
+    pipe = _pipeline(args)
+    name = pipe.manifest.directory.name if args.model else "llada-onnx-default"
+    app = create_app(pipe, model_name=name, **server)
     print(f"llada-onnx serve: {name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _serve_on_ray(args, server: dict) -> int:
+    try:
+        import ray
+        from ray import serve
+
+        from .serve.ray_app import application
+    except ImportError as e:
+        raise InputError(f"serve --ray needs the ray extra (pip install '.[ray]' in a clone): {e}") from None
+    from .runtime.manifest import Manifest
+
+    if args.replicas < 1:
+        raise InputError(f"--replicas must be a positive integer, got {args.replicas}")
+    if args.model:
+        Manifest.load(args.model)  # a wrong directory is the user's error here, not a replica's crash later
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below stops what ray.init started
+    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=args.verbose)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application(args.model, provider=args.provider, threads=args.threads, replicas=args.replicas,
+                          num_cpus=args.num_cpus, num_gpus=args.num_gpus, **server),
+              name="llada-onnx", route_prefix="/")
+    print(f"llada-onnx serve: {args.replicas} replica(s) on Ray Serve at http://{args.host}:{args.port}/ "
+          "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 class _StepDisplay:

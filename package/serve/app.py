@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import time
 import uuid
@@ -68,7 +69,7 @@ def create_app(pipeline: Pipeline, *, model_name: str, defaults: dict[str, Any] 
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_name, **scheduler.load}
+        return {"status": "ok", "model": model_name, "pid": os.getpid(), **scheduler.load}
 
     @app.get("/v1/models")
     def models() -> dict:
