@@ -214,3 +214,54 @@ def write_tiny_moe_tokenizer_files(out: str | Path, *, chat_template: str | None
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": MOE_SPECIALS["<|endoftext|>"]}) + "\n")
     tok.save(str(out / "tokenizer.json"))
+
+
+def make_tiny_llada2_model(*, n_layers: int = 3, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                           head_dim: int = 16, num_experts: int = 16, experts_per_token: int = 4, n_group: int = 4,
+                           topk_group: int = 2, expert_size: int = 32, dense_size: int = 96,
+                           logit_std: float = 4.0, seed: int = 0):
+    """A random, decisive LLaDA2 model (:mod:`.llada2`) in the real layout: real vocabulary and ids, the first layer
+    dense, a shared expert, grouped routing with a non-zero expert bias (so selection and mixing differ)."""
+    from .llada2 import LLaDA2Config, LLaDA2Model
+
+    cfg = LLaDA2Config(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                       num_key_value_heads=n_kv_heads, head_dim=head_dim, vocab_size=MOE_VOCAB,
+                       intermediate_size=dense_size, moe_intermediate_size=expert_size, num_experts=num_experts,
+                       num_experts_per_tok=experts_per_token, n_group=n_group, topk_group=topk_group,
+                       max_position_embeddings=4096)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = LLaDA2Model(cfg)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("word_embeddings.weight"):
+                p.copy_(noise)
+            elif name == "lm_head.weight":
+                p.copy_(noise * (logit_std / math.sqrt(d_model)))
+            elif name.endswith("gate.weight"):
+                p.copy_(noise * (3.0 / math.sqrt(d_model)))
+            elif name.endswith("expert_bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def make_tiny_llada2_checkpoint(out_dir: str | Path, **model_kwargs) -> Path:
+    """A tiny LLaDA2 checkpoint in the hub layout: config.json states the pad id only (the mask and EOS ids are the
+    architecture's defaults, as for the real one), and the tiny LLaDA-MoE tokenizer (the same vocabulary family)."""
+    import json
+
+    out = Path(out_dir)
+    model = make_tiny_llada2_model(**model_kwargs)
+    model.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    for name in ("mask_token_id", "eos_token_id"):
+        config.pop(name)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tiny_moe_tokenizer_files(out, chat_template=MOE_CHAT_TEMPLATE)
+    return out

@@ -1,0 +1,173 @@
+"""LLaDA2 (``LLaDA2MoeModelLM``): config, routing, block-diffusion attention and the torch block sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llada_onnx.models.block_sampler import BlockSettings, answer_ids, generate
+from llada_onnx.models.config import UnsupportedConfigError
+from llada_onnx.models.llada2 import LLaDA2Config, LLaDA2Model, block_bias, route
+from llada_onnx.models.tiny import make_tiny_llada2_checkpoint
+
+MASK, EOS = 156895, 156892
+# the real mini config's values (shared/reference/llada2-mini/config.json)
+MINI = {"architectures": ["LLaDA2MoeModelLM"], "hidden_size": 2048, "num_hidden_layers": 20,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 157184,
+        "intermediate_size": 5120, "moe_intermediate_size": 512, "num_experts": 256, "num_experts_per_tok": 8,
+        "n_group": 8, "topk_group": 4, "num_shared_experts": 1, "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1, "partial_rotary_factor": 0.5, "rope_theta": 600000, "rms_norm_eps": 1e-6,
+        "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "norm_topk_prob": True,
+        "use_bias": False, "use_qkv_bias": False, "tie_word_embeddings": False, "rope_scaling": None,
+        "pad_token_id": 156892, "max_position_embeddings": 16384, "hidden_act": "silu"}
+
+
+@pytest.fixture(scope="module")
+def llada2(tmp_path_factory):
+    return LLaDA2Model.from_pretrained(make_tiny_llada2_checkpoint(tmp_path_factory.mktemp("llada2")))
+
+
+def test_config_reads_the_real_fields_and_refuses_what_is_not_implemented():
+    cfg = LLaDA2Config.from_dict(MINI)
+    assert (cfg.rotary_dim, cfg.mask_token_id, cfg.eos_token_id, cfg.head_dim) == (64, MASK, EOS, 128)
+    from llada_onnx.models.llada2 import parameter_count
+
+    assert 16.0e9 < parameter_count(cfg) < 16.5e9  # "~16.25B total"
+    for field, value in (("score_function", "softmax"), ("use_qkv_bias", True), ("rope_scaling", {"type": "x"})):
+        with pytest.raises(UnsupportedConfigError, match=field):
+            LLaDA2Config.from_dict(dict(MINI, **{field: value}))
+
+
+def test_routing_on_a_hand_checked_example():
+    """8 experts in 4 groups of 2, 2 groups kept, top-2, scale 2.5. The expert bias and the group limit both change
+    the choice: without them experts 0 and 5 (the best raw scores) would win."""
+    cfg = LLaDA2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+                       vocab_size=16, intermediate_size=8, moe_intermediate_size=4, num_experts=8,
+                       num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.4, -2.0, 1.5, 0.0, -0.5])
+    bias = torch.tensor([0, 0, 0, 0.5, 0, 0, 0.6, 0])
+    experts, weights = route(torch.ones(1, 8), torch.diag(logits), bias, cfg)
+    # selection = sigmoid + bias = [.881 .269 | .622 1.099 | .119 .818 | 1.1 .378]; group sums of the best two:
+    # 1.150, 1.721, 0.937, 1.478 -> groups 1 and 3 -> experts 6 (1.1) and 3 (1.099)
+    got = dict(zip(experts[0].tolist(), weights[0].tolist()))
+    s3, s6 = 1 / (1 + math.exp(-0.4)), 0.5  # the unbiased scores mix
+    assert set(got) == {3, 6}
+    assert got[3] == pytest.approx(2.5 * s3 / (s3 + s6), abs=1e-6)
+    assert got[6] == pytest.approx(2.5 * s6 / (s3 + s6), abs=1e-6)
+
+
+def test_block_diffusion_mask_counts_each_rows_own_tokens():
+    bias = block_bias(torch.tensor([[0, 1, 1, 1, 1]]), block_length=2, dtype=torch.float32)[0, 0]
+    seen = (bias == 0).int().tolist()
+    # tokens at 1..4 are blocks 0, 0, 1, 1; the pad (column 0) is never seen (and, as a query, sees nothing)
+    assert seen == [[0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+
+
+def test_a_left_padded_row_computes_what_it_computes_alone(llada2):
+    ids = torch.randint(0, 1000, (1, 13))
+    alone = llada2(ids, block_length=4)
+    padded = llada2(torch.cat([torch.full((1, 3), EOS), ids], dim=1), torch.tensor([[0] * 3 + [1] * 13]),
+                    block_length=4)
+    torch.testing.assert_close(padded[:, 3:], alone, atol=1e-4, rtol=0)  # float sums over more keys
+
+
+def test_blocks_are_causal(llada2):
+    """Changing a later block never changes an earlier block's logits."""
+    ids = torch.randint(0, 1000, (1, 16))
+    changed = ids.clone()
+    changed[0, 12:] = 7
+    a, b = llada2(ids, block_length=4), llada2(changed, block_length=4)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("prompt_len", [8, 11])  # divides the block of 8, and does not
+@pytest.mark.parametrize("threshold", [0.5, 0.95, 1.0])
+def test_sampler_fills_blocks_in_order_and_batches_like_single_rows(llada2, prompt_len, threshold):
+    s = BlockSettings(gen_length=24, block_length=8, steps=4, threshold=threshold)
+    rows = [torch.randint(0, 1000, (n,)) for n in (prompt_len, prompt_len - 3)]
+    width = max(len(r) for r in rows)
+    batch = torch.stack([torch.cat([torch.full((width - len(r),), EOS), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]) for r in rows]).long()
+    together = generate(llada2, batch, mask, settings=s, mask_id=MASK, eos_id=EOS, pad_id=EOS)
+    for i, row in enumerate(rows):
+        alone = generate(llada2, row[None], settings=s, mask_id=MASK, eos_id=EOS, pad_id=EOS)
+        pad = width - len(row)
+        length = alone.shape[1]
+        assert torch.equal(together[i, pad:pad + length], alone[0])
+        gen = alone[0, len(row):len(row) + s.gen_length]
+        if not (gen == EOS).any():  # no EOS: every generated position was filled
+            assert (gen != MASK).all()
+        assert answer_ids(alone[0], len(row), s.gen_length, EOS).numel() <= s.gen_length
+
+
+class _Scripted(torch.nn.Module):
+    """A stand-in model: at canvas position p it predicts token ``100 + p`` with probability ``probs[p]`` (the rest
+    spread evenly), or, where ``after`` says so, a different token once p is committed (to exercise editing)."""
+
+    def __init__(self, probs: dict[int, float], vocab: int = 160000, edit_at: int | None = None):
+        super().__init__()
+        self.probs, self.vocab, self.edit_at = probs, vocab, edit_at
+
+    def forward(self, ids, mask, block_length):
+        b, n = ids.shape
+        logits = torch.zeros(b, n, self.vocab)
+        for p in range(n):
+            prob = self.probs.get(p, 0.5)
+            token = 100 + p
+            if self.edit_at == p and ids[0, p] != MASK:
+                token, prob = 50, 0.9
+            rest = (1 - prob) / (self.vocab - 1)
+            logits[:, p] = math.log(rest)
+            logits[:, p, token] = math.log(prob)
+        return logits
+
+
+def test_threshold_commits_what_passes_else_the_schedules_count():
+    prompt = torch.arange(1, 5)[None]  # 4 tokens, block 4: generation starts at the next block
+    probs = {4: 0.99, 5: 0.2, 6: 0.97, 7: 0.3}
+    steps = []
+    model = _Scripted(probs)
+    original = model.forward
+
+    def spy(ids, mask, block_length):
+        steps.append((ids[0, 4:8] != MASK).sum().item())
+        return original(ids, mask, block_length)
+
+    model.forward = spy
+    s = BlockSettings(gen_length=4, block_length=4, steps=4, threshold=0.95)
+    out = generate(model, prompt, settings=s, mask_id=MASK, eos_id=EOS, pad_id=EOS)
+    assert out[0, 4:8].tolist() == [104, 105, 106, 107]
+    # step 1: positions 4 and 6 pass 0.95 (2 >= the schedule's 1); step 2: none passes, the schedule's 1 (7 > 5)
+    assert steps == [0, 2, 3]
+
+
+def test_editing_replaces_a_committed_token_and_post_steps_end_when_nothing_changes():
+    prompt = torch.arange(1, 5)[None]
+    s = BlockSettings(gen_length=4, block_length=4, steps=4, threshold=0.95, editing_threshold=0.8,
+                      max_post_steps=4)
+    model = _Scripted({4: 0.99, 5: 0.99, 6: 0.99, 7: 0.99}, edit_at=5)
+    edited = generate(model, prompt, settings=s, mask_id=MASK, eos_id=EOS, pad_id=EOS)
+    plain = generate(model, prompt, settings=BlockSettings(gen_length=4, block_length=4, steps=4),
+                     mask_id=MASK, eos_id=EOS, pad_id=EOS)
+    assert plain[0, 4:8].tolist() == [104, 105, 106, 107]
+    assert edited[0, 4:8].tolist() == [104, 50, 106, 107]
+
+
+def test_eos_ends_the_generation_after_its_block():
+    prompt = torch.arange(1, 5)[None]
+
+    class EosAt6(_Scripted):
+        def forward(self, ids, mask, block_length):
+            logits = super().forward(ids, mask, block_length)
+            logits[:, 6] = -30.0
+            logits[:, 6, EOS] = 0.0
+            return logits
+
+    s = BlockSettings(gen_length=12, block_length=4, steps=4, threshold=0.9)
+    out = generate(EosAt6({p: 0.99 for p in range(20)}), prompt, settings=s, mask_id=MASK, eos_id=EOS, pad_id=EOS)
+    assert out[0, 4:8].tolist() == [104, 105, EOS, 107]
+    assert (out[0, 8:] == MASK).all()  # later blocks never ran
+    assert answer_ids(out[0], 4, 12, EOS).tolist() == [104, 105, EOS]
