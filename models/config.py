@@ -38,6 +38,15 @@ class UnsupportedConfigError(LladaOnnxError, ValueError):
     """The checkpoint asks for a feature this implementation does not have (named in the message)."""
 
 
+def refuse_unsupported(raw: dict, refused: dict, *, source: str, architecture: str) -> None:
+    """``refused``: ``{field: (is_unsupported(value), what it would ask for)}``; the first field present with an
+    unsupported value is an :class:`UnsupportedConfigError` naming it."""
+    for field, (bad, what) in refused.items():
+        if field in raw and bad(raw[field]):
+            raise UnsupportedConfigError(f"{source}: unsupported {field}={raw[field]!r}: {what} is not "
+                                         f"implemented for {architecture}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLaDAConfig:
     d_model: int

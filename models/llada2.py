@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import json_fields as fields
-from .config import CheckpointError, UnsupportedConfigError
+from .config import CheckpointError, UnsupportedConfigError, refuse_unsupported
 from .modeling import RMSNorm, apply_rotary, rotary_at
 
 DEFAULT_MASK_ID = 156895  # the official generate()'s defaults; config.json states only the pad id (LLADA2.md)
@@ -83,10 +83,7 @@ class LLaDA2Config:
             "use_sliding_window": (bool, "sliding-window attention"),
             "norm_head": (bool, "a normalised head"),
         }
-        for field, (bad, what) in refused.items():
-            if field in raw and bad(raw[field]):
-                raise UnsupportedConfigError(f"{source}: unsupported {field}={raw[field]!r}: {what} is not "
-                                             "implemented for LLaDA2MoeModelLM")
+        refuse_unsupported(raw, refused, source=source, architecture="LLaDA2MoeModelLM")
         err = CheckpointError
         ints = {name: fields.integer(raw, name, source, err) for name in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size",

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime import json_fields as fields
 from ..runtime.contract import ModelSizes
-from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids
+from .config import CheckpointError, UnsupportedConfigError, refuse_unsupported, read_config_with_ids
 from .modeling import MaskPredictor, RMSNorm, apply_rotary, attend, cached_bias, optional_padding_bias, rotary_at
 from .moe import interleave_gate_up, moe_swiglu
 from .registry import Architecture, register
@@ -84,10 +84,7 @@ class LLaDAMoEConfig:
             "hidden_act": (lambda v: v not in (None, "silu"), "an expert activation other than SiLU"),
             "tie_word_embeddings": (bool, "a head tied to the embeddings"),
         }
-        for field, (bad, what) in refused.items():
-            if field in raw and bad(raw[field]):
-                raise UnsupportedConfigError(f"{source}: unsupported {field}={raw[field]!r}: {what} is not "
-                                             "implemented for LLaDAMoEModelLM")
+        refuse_unsupported(raw, refused, source=source, architecture="LLaDAMoEModelLM")
         err = CheckpointError
         ints = {name: fields.integer(raw, name, source, err) for name in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts", "num_experts_per_tok",

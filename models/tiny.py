@@ -163,24 +163,9 @@ def make_tiny_moe_model(*, n_layers: int = 2, d_model: int = 64, n_heads: int = 
                          num_experts_per_tok=experts_per_token, expert_intermediate_size=expert_size,
                          vocab_size=vocab_size, max_position_embeddings=max_positions,
                          eot_token_id=MOE_SPECIALS["<|role_end|>"])
-    gen = torch.Generator(device).manual_seed(seed)
     with torch.device("meta"):
         model = LLaDAMoEModel(cfg)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, device=device)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("embed_tokens.weight"):
-                p.copy_(noise)
-            elif name == "lm_head.weight":
-                p.copy_(noise * (logit_std / math.sqrt(d_model)))
-            elif name.endswith("mlp.gate.weight"):
-                p.copy_(noise * (3.0 / math.sqrt(d_model)))
-            else:
-                p.copy_(noise / math.sqrt(p.shape[1]))
-    return model.eval()
+    return _draw_decisive(model, d_model=d_model, logit_std=logit_std, seed=seed, device=device)
 
 
 def make_tiny_moe_checkpoint(out_dir: str | Path, *, chat_template: str | None = MOE_CHAT_TEMPLATE,
@@ -229,26 +214,9 @@ def make_tiny_llada2_model(*, n_layers: int = 3, d_model: int = 64, n_heads: int
                        intermediate_size=dense_size, moe_intermediate_size=expert_size, num_experts=num_experts,
                        num_experts_per_tok=experts_per_token, n_group=n_group, topk_group=topk_group,
                        max_position_embeddings=4096)
-    gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = LLaDA2Model(cfg)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("word_embeddings.weight"):
-                p.copy_(noise)
-            elif name == "lm_head.weight":
-                p.copy_(noise * (logit_std / math.sqrt(d_model)))
-            elif name.endswith("gate.weight"):
-                p.copy_(noise * (3.0 / math.sqrt(d_model)))
-            elif name.endswith("expert_bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[1]))
-    return model.eval()
+    return _draw_decisive(model, d_model=d_model, logit_std=logit_std, seed=seed)
 
 
 def make_tiny_llada2_checkpoint(out_dir: str | Path, **model_kwargs) -> Path:
@@ -265,3 +233,27 @@ def make_tiny_llada2_checkpoint(out_dir: str | Path, **model_kwargs) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tiny_moe_tokenizer_files(out, chat_template=MOE_CHAT_TEMPLATE)
     return out
+
+
+def _draw_decisive(model, *, d_model: int, logit_std: float, seed: int, device: str = "cpu"):
+    """Random weights for a model built on the meta device that make it decisive: norms near 1, unit embeddings, a
+    head scaled to ``logit_std``, routers scaled so their choice is clear-cut, expert biases (where there are any)
+    of 0.1, fan-in scaling elsewhere."""
+    gen = torch.Generator(device).manual_seed(seed)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=device)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith(("embed_tokens.weight", "word_embeddings.weight")):
+                p.copy_(noise)
+            elif name == "lm_head.weight":
+                p.copy_(noise * (logit_std / math.sqrt(d_model)))
+            elif name.endswith("mlp.gate.weight"):
+                p.copy_(noise * (3.0 / math.sqrt(d_model)))
+            elif name.endswith("expert_bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[1]))
+    return model.eval()
