@@ -82,7 +82,8 @@ def measure(torch_side: dict, runtime_side: dict, *, vocab: int, mask_id: int, b
 
         inputs["torch"] = tuple(torch.from_numpy(a).to(device) for a in (ids, mask, block))
     inputs["runtime"] = (ids, mask, block)
-    engines = {**{n: (f, "torch") for n, f in torch_side.items()}, **{n: (f, "runtime") for n, f in runtime_side.items()}}
+    engines = {**{n: (f, "torch") for n, f in torch_side.items()},
+               **{n: (f, "runtime") for n, f in runtime_side.items()}}
     times: dict[str, list[float]] = {n: [] for n in engines}
     errors: dict[str, str] = {}
     for name, (fn, side) in engines.items():

@@ -63,7 +63,8 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"`{report['command']}`: {report['model']} on {report.get('provider', 'cpu')}, {report['max_tokens']} tokens a request, "
+    lines = [f"`{report['command']}`: {report['model']} on {report.get('provider', 'cpu')}, "
+             f"{report['max_tokens']} tokens a request, "
              f"{report['requests']} requests per client, streaming, temperature 0.", ""]
     rows = []
     sequential = {r["clients"]: r for r in report["modes"]["sequential"]}
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     report = {"command": "python -m bench.serve " + " ".join(sys.argv[1:] if argv is None else argv),
-              "model": a.model or "embedded default model", "provider": a.provider, "max_tokens": a.max_tokens, "requests": a.requests,
+              "model": a.model or "embedded default model", "provider": a.provider, "max_tokens": a.max_tokens,
+              "requests": a.requests,
               "machine": machine(), "modes": modes}
     save_report(Path(a.out), report, markdown(report), chart, "throughput.png")
     return 0

@@ -32,6 +32,7 @@ from torch import nn
 from ..runtime import json_fields as fields
 from .config import CheckpointError, UnsupportedConfigError, refuse_unsupported
 from .modeling import RMSNorm, apply_rotary, rotary_at
+from .moe import grouped_routing, interleave_gate_up, moe_grouped_swiglu
 
 DEFAULT_MASK_ID = 156895  # the official generate()'s defaults; config.json states only the pad id (LLADA2.md)
 DEFAULT_EOS_ID = 156892
@@ -153,18 +154,8 @@ def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def route(x: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor, cfg: LLaDA2Config):
     """The router on ``x`` ``[T, H]``: ``(experts [T, k], mixing weights [T, k] float32)`` as the official gate."""
-    scores = torch.sigmoid(x.float() @ weight.float().T)
-    selection = scores + expert_bias.float()
-    t = x.shape[0]
-    group_scores = selection.view(t, cfg.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
-    groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices
-    keep = torch.zeros_like(group_scores).scatter_(1, groups, 1.0).bool()
-    keep = keep[:, :, None].expand(t, cfg.n_group, cfg.num_experts // cfg.n_group).reshape(t, -1)
-    experts = selection.masked_fill(~keep, float("-inf")).topk(cfg.num_experts_per_tok, dim=-1).indices
-    chosen = scores.gather(1, experts)
-    if cfg.num_experts_per_tok > 1:
-        chosen = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20)
-    return experts, chosen * cfg.routed_scaling_factor
+    return grouped_routing(x.float() @ weight.float().T, expert_bias, cfg.num_experts_per_tok, cfg.n_group,
+                           cfg.topk_group, cfg.routed_scaling_factor)
 
 
 class _MLP(nn.Module):
@@ -187,6 +178,9 @@ class _Gate(nn.Module):
 
 
 class _SparseMoE(nn.Module):
+    """The router (``gate``), the experts and the shared expert under their official names; the routed experts run
+    through one op (:func:`~.moe.moe_grouped_swiglu`) on weights stacked as :func:`~.moe.moe_swiglu` reads them."""
+
     def __init__(self, cfg: LLaDA2Config):
         super().__init__()
         self.cfg = cfg
@@ -196,15 +190,26 @@ class _SparseMoE(nn.Module):
         if cfg.num_shared_experts:
             self.shared_experts = _MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fc1`` ``[E, 2I, H]`` (gate and up rows interleaved) and ``fc2`` ``[E, H, I]``."""
+        if hasattr(self, "fc1"):
+            return self.fc1, self.fc2
+        fc1 = torch.stack([interleave_gate_up(e.gate_proj.weight, e.up_proj.weight) for e in self.experts])
+        return fc1, torch.stack([e.down_proj.weight for e in self.experts])
+
+    def stack_experts(self) -> None:
+        with torch.no_grad():
+            fc1, fc2 = self.stacked()
+            self.fc1, self.fc2 = nn.Parameter(fc1, requires_grad=False), nn.Parameter(fc2, requires_grad=False)
+        del self.experts
+
     def forward(self, x):
         b, n, d = x.shape
         flat = x.reshape(b * n, d)
-        experts, weights = route(flat, self.gate.weight, self.gate.expert_bias, self.cfg)
-        out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        for e in torch.unique(experts).tolist():
-            rows, slot = torch.nonzero(experts == e, as_tuple=True)
-            out.index_add_(0, rows, self.experts[e](flat[rows]).float() * weights[rows, slot, None])
-        out = out.to(x.dtype).reshape(b, n, d)
+        c = self.cfg
+        logits = F.linear(flat.float(), self.gate.weight.float())
+        out = moe_grouped_swiglu(flat, logits, self.gate.expert_bias, *self.stacked(), c.num_experts_per_tok,
+                                 c.n_group, c.topk_group, c.routed_scaling_factor).reshape(b, n, d)
         return out + self.shared_experts(x) if hasattr(self, "shared_experts") else out
 
 
@@ -288,6 +293,13 @@ class LLaDA2Model(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         return load_weights(model, checkpoint_dir, dtype=dtype)
+
+    def fuse_projections(self) -> "LLaDA2Model":
+        """Stack every MoE layer's experts into the op's two weight tensors (for export); returns the model."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, _SparseMoE):
+                layer.mlp.stack_experts()
+        return self
 
     def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
         from .checkpoint import save_model

@@ -40,3 +40,44 @@ def moe_swiglu(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, 
 @moe_swiglu.register_fake
 def _(x, router_logits, fc1, fc2, k):
     return torch.empty_like(x)
+
+
+def grouped_routing(router_logits: torch.Tensor, expert_bias: torch.Tensor, k: int, n_group: int, topk_group: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA2's (DeepSeek-style) router on ``router_logits`` ``[T, E]``: ``(experts [T, k], weights [T, k])``.
+
+    Sigmoid scores plus ``expert_bias`` select: the experts form ``n_group`` groups, each scored by the sum of its
+    two best selection scores; the best ``topk_group`` groups are kept and the top ``k`` experts among them chosen.
+    The *unbiased* scores of the chosen experts, renormalised, times ``scale``, mix them. All in float32."""
+    scores = torch.sigmoid(router_logits.float())
+    selection = scores + expert_bias.float()
+    t, e = selection.shape
+    group_scores = selection.view(t, n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+    groups = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_scores).scatter_(1, groups, 1.0).bool()
+    keep = keep[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
+    experts = selection.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices
+    chosen = scores.gather(1, experts)
+    if k > 1:
+        chosen = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20)
+    return experts, chosen * scale
+
+
+@torch.library.custom_op("llada_onnx::moe_grouped_swiglu", mutates_args=())
+def moe_grouped_swiglu(x: torch.Tensor, router_logits: torch.Tensor, expert_bias: torch.Tensor, fc1: torch.Tensor,
+                       fc2: torch.Tensor, k: int, n_group: int, topk_group: int, scale: float) -> torch.Tensor:
+    """LLaDA2's routed experts (the shared expert is not part of it): ``x`` ``[T, H]``, ``router_logits`` ``[T, E]``
+    float32 -> ``[T, H]``; weights as :func:`moe_swiglu`'s. Mixed in float32, as the official code."""
+    experts, weights = grouped_routing(router_logits, expert_bias, k, n_group, topk_group, scale)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for expert in torch.unique(experts).tolist():
+        rows, slot = torch.nonzero(experts == expert, as_tuple=True)
+        h = x[rows] @ fc1[expert].T
+        act = F.silu(h[:, 0::2]) * h[:, 1::2]
+        out.index_add_(0, rows, (act @ fc2[expert].T).float() * weights[rows, slot, None])
+    return out.to(x.dtype)
+
+
+@moe_grouped_swiglu.register_fake
+def _(x, router_logits, expert_bias, fc1, fc2, k, n_group, topk_group, scale):
+    return torch.empty_like(x)
