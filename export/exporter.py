@@ -25,10 +25,10 @@ import torch
 
 from ..models.checkpoint import INDEX_FILE, check_weight_files, checkpoint_bytes, load_model
 from ..models.registry import Architecture, read_checkpoint_config
-from ..runtime.contract import FORWARD, KV_CACHE, MANIFEST_FILE, ModelSizes
+from ..runtime.contract import BLOCK_FORWARD, GRAPH_KINDS, KV_CACHE, MANIFEST_FILE, GraphKind, ModelSizes
 from ..runtime.manifest import FUSIONS, manifest_dict
 from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
-from .graph import CachedSamplerGraph, SamplerGraph
+from .graph import BlockSamplerGraph, CachedSamplerGraph, SamplerGraph
 from .moe import MOE_FORMS, translation_table
 from .quantize import Quantization, QuantizationError, quantize_graph, remove_graph
 from .shared_weights import share_weights
@@ -124,18 +124,18 @@ def export(
     with disk_full_is_reported(out, need), staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
-        fusions, quantized = _write_graph(lambda: _trace(SamplerGraph(model, device).eval(), sizes, opset, device,
-                                                         translations),
-                                          tmp / FORWARD.file, "the graph", fusion=fusion, required=None,
+        main = GRAPH_KINDS[architecture.graph_kinds[0]]
+        fusions, quantized = _write_graph(lambda: _trace(main, model, sizes, opset, device, translations),
+                                          tmp / main.file, "the graph", fusion=fusion, required=None,
                                           quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
         if cache:
             _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device,
                                               translations),
                          tmp / KV_CACHE.file, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
                          quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
-            share_weights(tmp / FORWARD.file, tmp / KV_CACHE.file)
+            share_weights(tmp / main.file, tmp / KV_CACHE.file)
         with stages.stage("writing manifest and tokenizer files"):
-            graphs = {kind.name: kind.file for kind in (FORWARD, KV_CACHE) if kind is FORWARD or cache}
+            graphs = {kind.name: kind.file for kind in (main, KV_CACHE) if kind is main or cache}
             _write_metadata(tmp, ckpt, architecture, cfg, graphs=graphs, dtype=dtype, opset=opset, fusion=fusion,
                             fusions=fusions, quantization=quantization, quantized_ops=quantized,
                             moe=moe if architecture.experts else None)
@@ -270,7 +270,8 @@ def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device:
                    (*shapes.values(), tuple({0: batch, 2: cached} for _ in past)), translations)
 
 
-def _trace(graph: SamplerGraph, cfg: ModelSizes, opset: int, device: str, translations: dict):
+def _trace(kind: GraphKind, model, cfg: ModelSizes, opset: int, device: str, translations: dict):
+    """The main graph, ``forward`` or ``block_forward`` (which also takes the block length)."""
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
     length = dim("length", min=2, max=cfg.max_sequence_length)
@@ -280,9 +281,14 @@ def _trace(graph: SamplerGraph, cfg: ModelSizes, opset: int, device: str, transl
     mask = torch.ones(2, 5, dtype=torch.long, device=device)
     mask[1, 0] = 0
     positions = torch.tensor([[1, 2, 4], [2, 3, 4]], dtype=torch.long, device=device)
-    return _export(graph, (ids, mask, positions), opset, FORWARD.input_names(0), FORWARD.output_names(0), {
-        "input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
-        "positions": {0: batch, 1: count}}, translations)
+    shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
+              "positions": {0: batch, 1: count}}
+    if kind is BLOCK_FORWARD:
+        graph, args = BlockSamplerGraph(model, device), (ids, mask, positions, torch.tensor(3, device=device))
+        shapes["block_length"] = {}
+    else:
+        graph, args = SamplerGraph(model, device), (ids, mask, positions)
+    return _export(graph.eval(), args, opset, kind.input_names(0), kind.output_names(0), shapes, translations)
 
 
 def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes, translations: dict):

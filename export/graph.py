@@ -26,6 +26,19 @@ class SamplerGraph(nn.Module):
         return summaries(self.model(input_ids, attention_mask, positions, always_mask=True), self.device)
 
 
+class BlockSamplerGraph(nn.Module):
+    """The main graph of a block-diffusion model (``block_forward``): :class:`SamplerGraph`'s, with the block length
+    as an input, so one export serves every block size."""
+
+    def __init__(self, model: nn.Module, device: str = "cpu"):
+        super().__init__()
+        self.model = model
+        self.device = device
+
+    def forward(self, input_ids, attention_mask, positions, block_length):
+        return summaries(self.model(input_ids, attention_mask, positions, block_length=block_length), self.device)
+
+
 class CachedSamplerGraph(nn.Module):
     """The block-wise KV-cache graph (``cache.onnx``): fed tokens at canvas ``positions`` against cached keys/values.
 

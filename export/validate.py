@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from ..models.modeling import LLaDAModel
+from ..runtime.contract import BLOCK_FORWARD
 from ..runtime.errors import LladaOnnxError
 from ..runtime.manifest import Manifest
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 0.99
 FP16_MAX_RELATIVE_ERROR = 0.05
+BLOCK_LENGTH = 8  # the block length a block-diffusion graph is validated at
 FP16_EXPERTS_MEAN_RELATIVE_ERROR = 0.01  # with experts, whose routing may flip at near-ties (see above)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -33,7 +35,10 @@ class ValidationError(LladaOnnxError, RuntimeError):
     """The exported graph disagrees with torch beyond tolerance (figures in the message)."""
 
 
-def validation_inputs(vocab_size: int, max_length: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def validation_inputs(manifest: Manifest, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Feeds for the export's main graph: a batch with a left-padded row, predicting every position and a tail;
+    a block-diffusion graph gets :data:`BLOCK_LENGTH`, a boundary inside the padded row's prompt and the tail."""
+    vocab_size, max_length = manifest.vocab_size, manifest.max_sequence_length
     rng = np.random.default_rng(seed)
     length = min(48, max_length)
     ids = rng.integers(0, vocab_size, size=(2, length), dtype=np.int64)
@@ -41,7 +46,8 @@ def validation_inputs(vocab_size: int, max_length: int, seed: int = 0) -> list[d
     mask[1, :3] = 0  # a left-padded row
     every = np.broadcast_to(np.arange(length, dtype=np.int64), (2, length)).copy()
     tail = every[:, -max(1, length // 3):].copy()
-    return [{"input_ids": ids, "attention_mask": mask, "positions": p} for p in (every, tail)]
+    block = {"block_length": np.array(BLOCK_LENGTH, dtype=np.int64)} if manifest.main_kind == BLOCK_FORWARD.name else {}
+    return [{"input_ids": ids, "attention_mask": mask, "positions": p, **block} for p in (every, tail)]
 
 
 def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = "cpu",
@@ -56,16 +62,18 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
                               f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use --no-validate")
     session = ort.InferenceSession(str(manifest.graph_path), providers=[provider])
     reference = model.float() if dtype != "fp32" else model
+    block = manifest.main_kind == BLOCK_FORWARD.name
     max_diff = prob_diff = 0.0
     abs_diffs = []
     margins, matches = [], []
     scale = 1.0
     finite = True
-    for feeds in validation_inputs(manifest.vocab_size, manifest.max_sequence_length):
+    for feeds in validation_inputs(manifest):
         logits, top_ids, top_prob = session.run(None, feeds)
         with torch.no_grad():
             t = {k: torch.from_numpy(v).to(next(reference.parameters()).device) for k, v in feeds.items()}
-            ref = reference(t["input_ids"], t["attention_mask"], t["positions"], always_mask=True).float().cpu()
+            options = {"block_length": t["block_length"]} if block else {"always_mask": True}
+            ref = reference(t["input_ids"], t["attention_mask"], t["positions"], **options).float().cpu()
         ref_np = ref.numpy()
         finite &= bool(np.isfinite(logits).all() and np.isfinite(top_prob).all())
         scale = max(scale, float(ref_np.std()))
@@ -126,7 +134,7 @@ def validate_cache_graph(export_dir, model: LLaDAModel, *, dtype: str, device: s
     from ..runtime.kv_cache import KVCacheSession
 
     cache = KVCacheSession(Manifest.load(export_dir), device)
-    every, tail = validation_inputs(cache.manifest.vocab_size, cache.manifest.max_sequence_length)
+    every, tail = validation_inputs(cache.manifest)
     ids, mask, block = every["input_ids"], every["attention_mask"], tail["positions"]
     refresh, kv = cache.refresh(ids, mask, block, logits=True)
     step = cache.step(ids, mask, int(block[0, 0]), ids.shape[1], block, kv, logits=True)  # the tail, contiguous
@@ -157,7 +165,7 @@ def validate_against_float(quantized_dir, float_dir, *, device: str = "cpu") -> 
     provider = PROVIDERS[device]
     sessions = [ort.InferenceSession(str(m.graph_path), providers=[provider]) for m in (quantized, reference)]
     same, diffs, prob_diff, scale, finite = [], [], 0.0, 1.0, True
-    for feeds in validation_inputs(reference.vocab_size, reference.max_sequence_length):
+    for feeds in validation_inputs(reference):
         (logits, top_ids, top_prob), (ref_logits, ref_ids, ref_prob) = (s.run(None, feeds) for s in sessions)
         finite &= bool(np.isfinite(logits).all() and np.isfinite(top_prob).all())
         diffs.append(np.abs(logits.astype(np.float32) - ref_logits.astype(np.float32)))

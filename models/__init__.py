@@ -4,7 +4,7 @@ Needs the ``export`` extra (torch, safetensors). The runtime never imports this 
 module that registers itself (:mod:`.registry`); importing it here is what makes it known.
 """
 
-from . import llada, llada_moe  # noqa: F401  (register dense LLaDA and LLaDA-MoE)
+from . import llada, llada2, llada_moe  # noqa: F401  (register dense LLaDA, LLaDA2 and LLaDA-MoE)
 from .checkpoint import CheckpointError, checkpoint_bytes, load_model, save_model
 from .config import LLaDAConfig, UnsupportedConfigError
 from .modeling import LLaDAModel

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from ..runtime import json_fields as fields
-from .config import CheckpointError, CheckpointNotFoundError, UnsupportedConfigError
+from .config import CheckpointError, CheckpointNotFoundError
 from .registry import architecture_for, read_checkpoint_config
 
 SINGLE_FILE = "model.safetensors"
@@ -130,12 +130,7 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, *, max_shard_bytes: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-    config = model.config.to_dict()
-    try:  # the registered name; an architecture not registered (yet) names itself in its to_dict()
-        config["architectures"] = [architecture_for(model.config).name]
-    except UnsupportedConfigError:
-        if "architectures" not in config:
-            raise
+    config = dict(model.config.to_dict(), architectures=[architecture_for(model.config).name])
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     total = sum(t.numel() * t.element_size() for t in tensors.values())

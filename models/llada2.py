@@ -14,14 +14,14 @@ Batches: blocks and rotary positions count each row's own tokens (``cumsum(atten
 left-padded row computes exactly what the same prompt does alone; padded keys are masked. The official code runs
 batch 1 (positions ``arange``, no padding), where both agree.
 
-Not registered with the exporter yet: its graphs (the block mask as an input, the block step with an exact KV cache)
-and the NumPy block sampler are still to come. :mod:`.block_sampler` is the torch reference sampler.
+The exporter writes its main graph (``block_forward``: the block length as an input). The block step graph with an
+exact KV cache and the runtime's NumPy block sampler are still to come, so the runtime refuses these exports for
+now; :mod:`.block_sampler` is the torch reference sampler.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import json_fields as fields
-from .config import CheckpointError, UnsupportedConfigError, refuse_unsupported
+from ..runtime.contract import ModelSizes
+from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids, refuse_unsupported
 from .modeling import RMSNorm, apply_rotary, rotary_at
 from .moe import grouped_routing, interleave_gate_up, moe_grouped_swiglu
+from .registry import Architecture, register
 
 DEFAULT_MASK_ID = 156895  # the official generate()'s defaults; config.json states only the pad id (LLADA2.md)
 DEFAULT_EOS_ID = 156892
+EOT_TOKEN_TEXT = "<|role_end|>"  # the tokenizer family's end of turn (that of LLaDA-MoE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +65,16 @@ class LLaDA2Config:
     mask_token_id: int = DEFAULT_MASK_ID
     eos_token_id: int = DEFAULT_EOS_ID
     pad_token_id: int = DEFAULT_EOS_ID
+    bos_token_id: int = DEFAULT_EOS_ID
+    eot_token_id: int = DEFAULT_EOS_ID
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def special_ids(self) -> dict[str, int]:
-        return {"mask_token_id": self.mask_token_id, "eos_token_id": self.eos_token_id,
-                "pad_token_id": self.pad_token_id}
+        return {name: getattr(self, name) for name in
+                ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id")}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> "LLaDA2Config":
@@ -105,7 +110,10 @@ class LLaDA2Config:
             raise UnsupportedConfigError(f"{source}: groups of fewer than 2 experts (a group scores its best two)")
         vocab = ints["vocab_size"]
         ids = {name: fields.integer(raw, name, source, err, minimum=0, below=vocab)
-               for name in ("mask_token_id", "eos_token_id", "pad_token_id") if raw.get(name) is not None}
+               for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "eot_token_id")
+               if raw.get(name) is not None}
+        eos = ids.get("eos_token_id", DEFAULT_EOS_ID)  # what the tokenizer files leave unstated ends like EOS
+        ids = {"pad_token_id": eos, "bos_token_id": eos, "eot_token_id": eos, **ids}
         return cls(**ints, num_key_value_heads=kv_heads, head_dim=head_dim, partial_rotary_factor=factor,
                    num_shared_experts=fields.integer(raw, "num_shared_experts", source, err, default=0, minimum=0),
                    routed_scaling_factor=fields.number(raw, "routed_scaling_factor", source, err, default=1.0),
@@ -119,13 +127,9 @@ class LLaDA2Config:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path) -> "LLaDA2Config":
-        file = Path(checkpoint_dir) / "config.json"
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{checkpoint_dir} has no config.json") from None
-        except ValueError as e:
-            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+        """``config.json``, then ids from ``generation_config.json`` where the config does not state them (the
+        mask and EOS ids default to the official sampler's)."""
+        file, raw = read_config_with_ids(Path(checkpoint_dir), EOT_TOKEN_TEXT)
         return cls.from_dict(raw, source=str(file))
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +141,7 @@ class LLaDA2Config:
                 "use_cache": False}
 
 
-def block_bias(attention_mask: torch.Tensor, block_length: int, dtype: torch.dtype) -> torch.Tensor:
+def block_bias(attention_mask: torch.Tensor, block_length: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention bias ``[B, 1, L, L]`` of block diffusion: 0 where the key's block is not after the
     query's and the key is a token, the dtype's most negative value elsewhere. Blocks count each row's tokens."""
     keep = attention_mask != 0
@@ -272,8 +276,15 @@ class LLaDA2Model(nn.Module):
         self.model = _Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                block_length: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, *, block_length: int | torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, vocab]``, or ``[B, count, vocab]`` at ``positions`` ``[B, count]`` only."""
+        h = self.hidden_states(input_ids, attention_mask, block_length)
+        if positions is not None:
+            h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(h)
+
+    def hidden_states(self, input_ids, attention_mask, block_length):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.model.word_embeddings(input_ids)
@@ -282,17 +293,15 @@ class LLaDA2Model(nn.Module):
         bias = block_bias(attention_mask, block_length, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, bias)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> "LLaDA2Model":
+    def from_pretrained(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "LLaDA2Model":
         """A checkpoint in the hub layout (one module per expert), safetensors, lazily."""
-        from .checkpoint import load_weights
+        from .checkpoint import load_model
 
-        cfg = LLaDA2Config.from_pretrained(checkpoint_dir)
-        with torch.device("meta"):
-            model = cls(cfg)
-        return load_weights(model, checkpoint_dir, dtype=dtype)
+        return load_model(checkpoint_dir, dtype=dtype, device=device)
 
     def fuse_projections(self) -> "LLaDA2Model":
         """Stack every MoE layer's experts into the op's two weight tensors (for export); returns the model."""
@@ -314,3 +323,22 @@ def parameter_count(cfg: LLaDA2Config) -> int:
     moe = (cfg.num_experts * (d + 1) + 3 * d * cfg.moe_intermediate_size * (cfg.num_experts + cfg.num_shared_experts))
     layers = cfg.first_k_dense_replace * dense + (cfg.num_hidden_layers - cfg.first_k_dense_replace) * moe
     return 2 * cfg.vocab_size * d + cfg.num_hidden_layers * (attn + 2 * d + 2 * hd) + layers + d
+
+
+def sizes(cfg: LLaDA2Config) -> ModelSizes:
+    return ModelSizes(n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                      max_sequence_length=cfg.max_position_embeddings)
+
+
+def summary(cfg: LLaDA2Config) -> dict[str, Any]:
+    return {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+            "n_group": cfg.n_group, "topk_group": cfg.topk_group, "num_shared_experts": cfg.num_shared_experts,
+            "moe_intermediate_size": cfg.moe_intermediate_size, "parameters": parameter_count(cfg)}
+
+
+LLADA2 = register(Architecture(
+    name="LLaDA2MoeModelLM", description="LLaDA2.x: LLaDA2.0/2.1 mini and flash (block diffusion, MoE)",
+    config=LLaDA2Config, model=LLaDA2Model, sampler="block_diffusion", graph_kinds=("block_forward",),
+    parameter_count=parameter_count, sizes=sizes, summary=summary, model_types=("llada2_moe",), experts=True))

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from ..runtime.contract import GRAPH_KINDS, ModelSizes
+from ..runtime.contract import GRAPH_KINDS, MAIN_KINDS, ModelSizes
 from .config import UnsupportedConfigError, read_config_json
 
 
@@ -26,7 +26,7 @@ class Architecture:
     config: Any  # the config class: from_pretrained(checkpoint_dir), from_dict(raw, source=...)
     model: Any  # the torch module class, built from a config; its state dict uses the official tensor names
     sampler: str  # the runtime's sampler family that drives its graphs (runtime/manifest.py SAMPLERS)
-    graph_kinds: tuple[str, ...]  # which graphs of runtime/contract.py it can be exported as
+    graph_kinds: tuple[str, ...]  # which graphs of runtime/contract.py it can be exported as, the main one first
     parameter_count: Callable[[Any], int]  # from the config alone: the exporter's disk and memory checks
     sizes: Callable[[Any], ModelSizes]  # what the runtime needs (the manifest's "sizes")
     summary: Callable[[Any], dict[str, Any]]  # the manifest's informative "model" object
@@ -35,8 +35,9 @@ class Architecture:
 
     def __post_init__(self) -> None:
         unknown = set(self.graph_kinds) - set(GRAPH_KINDS)
-        if unknown or "forward" not in self.graph_kinds:
-            raise ValueError(f"{self.name}: graph kinds must include forward and come from {sorted(GRAPH_KINDS)}")
+        if unknown or not self.graph_kinds or self.graph_kinds[0] not in MAIN_KINDS:
+            raise ValueError(f"{self.name}: graph kinds must start with a main graph ({', '.join(MAIN_KINDS)}) and "
+                             f"come from {sorted(GRAPH_KINDS)}")
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}

@@ -95,7 +95,17 @@ KV_CACHE = GraphKind(
     ),
 )
 
-GRAPH_KINDS = {kind.name: kind for kind in (FORWARD, KV_CACHE)}
+BLOCK_FORWARD = GraphKind(
+    name="block_forward", file="model.onnx",
+    meaning="block diffusion (LLaDA2): the mask predictor over the canvas with block-causal attention (a token sees "
+            "its own block and the ones before it), blocks of block_length counted from each row's first token, "
+            "padded keys masked",
+    inputs=(*FORWARD.inputs, Tensor("block_length", "int64", (), "tokens per block")),
+    outputs=SUMMARIES,
+)
+
+GRAPH_KINDS = {kind.name: kind for kind in (FORWARD, KV_CACHE, BLOCK_FORWARD)}
+MAIN_KINDS = (FORWARD.name, BLOCK_FORWARD.name)  # an export holds exactly one of these, its main graph
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,13 @@ from typing import Any
 
 from . import json_fields as fields
 from .chat_template import compile_chat_template
-from .contract import FORMAT_VERSION, GRAPH_KINDS, MANIFEST_FILE, ModelSizes
+from .contract import FORMAT_VERSION, GRAPH_KINDS, MAIN_KINDS, MANIFEST_FILE, ModelSizes
 from .errors import NotAnExportError
 
 ID_FIELDS = ("mask_token_id", "eos_token_id", "eot_token_id", "bos_token_id", "pad_token_id")
 DTYPES = ("fp32", "fp16")
 FUSIONS = ("none", "ort")
-SAMPLERS = ("llada",)  # sampler families the runtime drives
+SAMPLERS = ("llada", "block_diffusion")  # sampler families of exports (block_diffusion: not driven yet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,12 @@ class Manifest:
 
     @property
     def graph(self) -> str:
-        """The full-forward graph's file."""
-        return self.graphs["forward"]
+        """The main graph's file (the full forward)."""
+        return self.graphs[self.main_kind]
+
+    @property
+    def main_kind(self) -> str:
+        return next(kind for kind in MAIN_KINDS if kind in self.graphs)
 
     @property
     def cache_graph(self) -> str | None:
@@ -90,9 +94,9 @@ class Manifest:
                for k in ID_FIELDS}
         graphs = _object(raw, "graphs", where)
         unknown = sorted(set(graphs) - set(GRAPH_KINDS))
-        if unknown or "forward" not in graphs:
-            raise NotAnExportError(f"{where}: graphs must name a forward graph and only kinds of "
-                                   f"{', '.join(GRAPH_KINDS)}, got {sorted(graphs)}; re-export")
+        if unknown or len(set(graphs) & set(MAIN_KINDS)) != 1:
+            raise NotAnExportError(f"{where}: graphs must name one main graph ({' or '.join(MAIN_KINDS)}) and only "
+                                   f"kinds of {', '.join(GRAPH_KINDS)}, got {sorted(graphs)}; re-export")
         chat_template = raw.get("chat_template")
         if chat_template is not None:
             if not isinstance(chat_template, str):
@@ -144,7 +148,7 @@ def manifest_dict(*, architecture: str, sampler: str, graphs: dict[str, str], si
         "architecture": architecture,  # config.json's architectures[0]
         "sampler": sampler,  # the sampler family that drives the graphs
         "graphs": graphs,  # graph kind (runtime/contract.py) -> file
-        "external_data": graphs["forward"] + ".data",  # the weights, shared by every graph
+        "external_data": next(graphs[k] for k in MAIN_KINDS if k in graphs) + ".data",  # shared by every graph
         "dtype": dtype,
         "opset": opset,
         "variant": variant,  # "exact" (float weights), or the quantization: "int8", "int4-b32", ...

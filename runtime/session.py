@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
-from .contract import FORWARD, GraphKind
+from .contract import FORWARD, GRAPH_KINDS, GraphKind
 from .errors import LladaOnnxError, NotAnExportError
 from .manifest import Manifest
 
@@ -96,6 +96,11 @@ class GraphSession:
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
                  allow_fallback: bool = False):
         self.manifest = manifest
+        if manifest.sampler != "llada":
+            raise UnsupportedGraphError(
+                f"{manifest.directory} is an export for the {manifest.sampler} sampler ({manifest.architecture}), "
+                "which this runtime does not drive yet; its graph runs in onnxruntime directly (inputs: "
+                f"{', '.join(GRAPH_KINDS[manifest.main_kind].input_names(0))})")
         # How the session was opened: the export's other graphs open the same way (see Pipeline.kv_cache).
         self.opened_with = dict(provider=provider, device_id=device_id, threads=threads,
                                 session_options=session_options, allow_fallback=allow_fallback)

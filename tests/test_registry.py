@@ -44,14 +44,15 @@ ECHO = register(Architecture(
 
 
 def test_architectures_are_registered_and_dispatched_on_architectures():
-    assert [a.name for a in supported()][:2] == ["LLaDAModelLM", "LLaDAMoEModelLM"]
+    assert [a.name for a in supported()][:3] == ["LLaDAModelLM", "LLaDA2MoeModelLM", "LLaDAMoEModelLM"]
     assert architecture_of({"architectures": ["LLaDAModelLM"], "model_type": "llada"}).sampler == "llada"
     assert architecture_of({"model_type": "llada"}).name == "LLaDAModelLM"  # configs without architectures
     # LLaDA-MoE shares dense LLaDA's model_type: architectures[0] tells them apart
     assert architecture_of({"architectures": ["LLaDAMoEModelLM"], "model_type": "llada"}).experts
-    with pytest.raises(UnsupportedConfigError, match="'LLaDA2MoeModelLM' is not a LLaDA checkpoint .* supported "
+    assert architecture_of({"model_type": "llada2_moe"}).sampler == "block_diffusion"
+    with pytest.raises(UnsupportedConfigError, match="'LLaDA3ModelLM' is not a LLaDA checkpoint .* supported "
                                                      "architectures: LLaDAModelLM \\(dense LLaDA.*LLaDAMoEModelLM"):
-        architecture_of({"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe"})
+        architecture_of({"architectures": ["LLaDA3ModelLM"], "model_type": "llada3"})
 
 
 @pytest.fixture
