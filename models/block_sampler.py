@@ -12,9 +12,10 @@ Documented differences from the shipped code:
 
 - temperature 0 is greedy (argmax and its softmax probability); the shipped dFactory copy samples at every
   temperature (it has no greedy branch), later copies take the argmax as here;
-- sampling (temperature > 0) is Gumbel-max over the filtered logits with uniforms drawn from ``noise`` in a fixed
-  order (``[rows, block_length, vocab]`` float64 per step), so the NumPy runtime given the same noise proposes the
-  same tokens; the distribution is ``torch.multinomial``'s;
+- sampling (temperature > 0) is Gumbel-max over the filtered logits with uniforms drawn from ``noise`` (a
+  :class:`~llada_onnx.runtime.noise.Noise`) in a fixed order (``[rows, block_length, vocab]`` float64 per step of
+  the rows still running), so the NumPy runtime given the same noise proposes the same tokens; the distribution
+  is ``torch.multinomial``'s;
 - batches: each row keeps its own block grid (counted from its own first token, as the model's attention does), so
   a left-padded row generates exactly what it generates alone; rows advance block by block together and a row that
   has finished a block or the whole answer waits;
@@ -29,60 +30,10 @@ Returns the canvas ``[batch, length]`` (left padding kept, positions never reach
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class BlockSettings:
-    """The official ``generate()``'s arguments and defaults, and LLaDA2.1's editing (off by default)."""
-
-    gen_length: int = 2048
-    block_length: int = 32
-    steps: int = 32  # per block
-    threshold: float = 0.95
-    minimal_topk: int = 1
-    eos_early_stop: bool = False
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    editing_threshold: float | None = None
-    max_post_steps: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("gen_length", "block_length", "steps", "minimal_topk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"`threshold` must be in (0, 1], got {self.threshold}")
-        if self.temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"`top_k` must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}")
-        if self.editing_threshold is not None and not 0 < self.editing_threshold <= 1:
-            raise ValueError(f"`editing_threshold` must be in (0, 1], got {self.editing_threshold}")
-        if self.max_post_steps < 0 or (self.max_post_steps and self.editing_threshold is None):
-            raise ValueError("`max_post_steps` needs `editing_threshold` (post steps only edit)")
-
-    @property
-    def steps_per_block(self) -> int:
-        return max(1, min(self.steps, self.gen_length // self.minimal_topk))
-
-    def schedule(self) -> list[int]:
-        """Tokens to commit at each step of a block: ``block_length`` split over the steps, the first ones one more."""
-        n, s = self.block_length, self.steps_per_block
-        return [n // s + (i < n % s) for i in range(s)]
-
-
-def uniform_noise(seed: int = 0):
-    """Noise for temperature > 0: ``callable(shape) -> float64 uniforms in (0, 1)`` from a numpy Generator."""
-    rng = np.random.default_rng(seed)
-    return lambda shape: rng.random(shape).clip(np.finfo(np.float64).tiny, 1.0)
+from ..runtime.block_settings import BlockSettings
+from ..runtime.noise import Noise
 
 
 def propose(logits: torch.Tensor, s: BlockSettings, noise) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +55,7 @@ def propose(logits: torch.Tensor, s: BlockSettings, noise) -> tuple[torch.Tensor
         beyond[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(beyond).scatter(-1, index, beyond), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    u = torch.from_numpy(noise(tuple(logits.shape))).to(logits.device)
+    u = torch.from_numpy(noise.gumbel_uniforms(tuple(logits.shape))).to(logits.device)
     x0 = torch.argmax(logits.double() - torch.log(-torch.log(u)), dim=-1)
     return x0, probs.gather(-1, x0[..., None])[..., 0]
 
@@ -112,11 +63,11 @@ def propose(logits: torch.Tensor, s: BlockSettings, noise) -> tuple[torch.Tensor
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              settings: BlockSettings = BlockSettings(), mask_id: int, eos_id: int, pad_id: int,
-             noise=None) -> torch.Tensor:
+             noise: Noise | None = None) -> torch.Tensor:
     """The block-diffusion sampler (module docstring); ``prompt`` ``[batch, P]`` left-padded with
     ``attention_mask``. ``model(ids, mask, block_length=b)`` returns logits ``[batch, L, vocab]``."""
     s, b = settings, settings.block_length
-    noise = noise or uniform_noise(0)
+    noise = noise or Noise.of(None)
     rows, width = prompt.shape
     mask_in = torch.ones_like(prompt) if attention_mask is None else attention_mask.to(prompt.device)
     lengths = mask_in.sum(dim=1).tolist()

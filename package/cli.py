@@ -52,6 +52,7 @@ def _flag_names() -> dict[str, str]:
     """How error messages' quoted names read on the command line."""
     names = {f.name: _flag(f) for f in knobs()}
     names.update({"chat=False": "--raw", "chat=True": "--chat", "threads": "--threads", "seed": "--seed"})
+    names.update({name: "--" + name.replace("_", "-") for name in BLOCK_ONLY})
     return names
 
 
@@ -190,6 +191,16 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(_flag(field), dest=field.name, type=kind, default=default,
                            choices=field.metadata["choices"], help=field.metadata["help"])
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and remasking noise")
+    block = p.add_argument_group("block diffusion (LLaDA2 exports; --steps is then per block, --threshold commits "
+                                 "what exceeds it, default 0.95)")
+    block.add_argument("--minimal-topk", type=int, help="cap the steps per block at gen length / N (default 1)")
+    block.add_argument("--eos-early-stop", action="store_true",
+                       help="stop as soon as an EOS is committed with no mask before it")
+    block.add_argument("--top-k", type=int, help="sample among the k most likely tokens (temperature > 0)")
+    block.add_argument("--top-p", type=float, help="nucleus sampling (temperature > 0)")
+    block.add_argument("--editing-threshold", type=float,
+                       help="LLaDA2.1 token editing: replace a committed token predicted otherwise above this")
+    block.add_argument("--max-post-steps", type=int, help="LLaDA2.1: editing steps after a block is filled")
 
 
 def _quantization_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -210,10 +221,28 @@ def _quantization(args):
     return Quantization(args.quantize, args.block_size, args.accuracy_level, args.keep_head)
 
 
-def _settings(args):
+BLOCK_ONLY = ("minimal_topk", "eos_early_stop", "top_k", "top_p", "editing_threshold", "max_post_steps")
+SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature")  # flags both samplers take
+
+
+def _settings(args, pipe=None):
+    """The sampler settings the flags ask for, checked as ``pipe``'s export takes them (LLaDA's when no pipe):
+    a flag of the other sampler family, set, is an error naming it."""
+    from .runtime.block_settings import BlockSettings
     from .runtime.settings import SamplerSettings
 
-    return SamplerSettings.of({field.name: getattr(args, field.name) for field in knobs()})
+    given = lambda name: getattr(args, name) not in (None, False)  # noqa: E731
+    if pipe is None or not pipe.block_diffusion:
+        other = [n for n in BLOCK_ONLY if given(n)]
+        if other:
+            raise InputError(f"`{other[0]}` is a block-diffusion (LLaDA2) setting; this export runs LLaDA's sampler")
+        return SamplerSettings.of({field.name: getattr(args, field.name) for field in knobs()})
+    defaults = {f.name: f.metadata.get("text_default", f.default) for f in knobs()}
+    other = [f.name for f in knobs() if f.name not in SHARED and getattr(args, f.name) != defaults[f.name]]
+    if other:
+        raise InputError(f"`{other[0]}` is not a setting of the block-diffusion sampler this export (LLaDA2) runs")
+    return BlockSettings.of({name: getattr(args, name) or None if name == "eos_early_stop" else getattr(args, name)
+                             for name in SHARED + BLOCK_ONLY})
 
 
 def _pipeline(args):
@@ -270,8 +299,8 @@ def _generate(args) -> int:
     prompts = list(args.prompt) + (read_prompt_file(args.file) if args.file else [])
     if not prompts:
         raise InputError("no prompt given: use --prompt TEXT (repeatable) or --file PROMPTS.txt")
-    settings = _settings(args)
     pipe = _pipeline(args)
+    settings = _settings(args, pipe)
     chat = pipe.codec.has_chat_template if args.chat is None else args.chat
     ids, mask = pipe.codec.encode_batch(prompts, chat)
     display = _StepDisplay(pipe.codec, ids.shape, settings.gen_length, show_steps=args.show_steps,
@@ -280,14 +309,14 @@ def _generate(args) -> int:
     out = pipe.generate_ids(ids, mask, seed=args.seed, callback=display, **settings.as_dict())
     seconds = time.perf_counter() - start
     display.close()
-    texts = pipe.codec.decode_batch(out[:, ids.shape[1]:])
+    texts = pipe.codec.decode_batch(out[:, ids.shape[1]:ids.shape[1] + settings.gen_length])
     if args.json:
         tokens = out.shape[0] * settings.gen_length
         print(json.dumps({
             "model": str(pipe.manifest.directory), "provider": pipe.provider, "chat": chat,
             "settings": dict(settings.as_dict(), seed=args.seed),
             "results": [{"prompt": p, "text": t, "prompt_ids": row[m.astype(bool)].tolist(),
-                         "output_ids": o[ids.shape[1]:].tolist()}
+                         "output_ids": o[ids.shape[1]:ids.shape[1] + settings.gen_length].tolist()}
                         for p, t, row, m, o in zip(prompts, texts, ids, mask, out)],
             "timings": {"seconds": seconds, "steps": display.steps_run, "tokens_per_second": tokens / seconds},
         }, indent=2))
@@ -305,7 +334,8 @@ def _chat(args) -> int:
     if args.model is None:
         raise InputError("chat needs --model DIR, an export of an Instruct model: the embedded default model is a "
                          "base model without a chat template (use `llada-onnx generate --prompt TEXT` for it)")
-    session = ChatSession(_pipeline(args), seed=args.seed, **_settings(args).as_dict())
+    pipe = _pipeline(args)
+    session = ChatSession(pipe, seed=args.seed, **_settings(args, pipe).as_dict())
     print("llada-onnx chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -343,12 +373,19 @@ def _serve(args) -> int:
     if args.ray:
         return _serve_on_ray(args, server)
     pipe = _pipeline(args)
+    _servable(pipe.manifest)
     name = pipe.manifest.directory.name if args.model else "llada-onnx-default"
     app = create_app(pipe, model_name=name, **server)
     print(f"llada-onnx serve: {name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _servable(manifest) -> None:
+    if manifest.sampler != "llada":
+        raise InputError(f"{manifest.directory} runs the {manifest.sampler} sampler ({manifest.architecture}), which "
+                         "the server does not batch yet: use `llada-onnx generate`/`chat` or Pipeline.generate")
 
 
 def _serve_on_ray(args, server: dict) -> int:
@@ -363,8 +400,8 @@ def _serve_on_ray(args, server: dict) -> int:
 
     if args.replicas < 1:
         raise InputError(f"--replicas must be a positive integer, got {args.replicas}")
-    if args.model:
-        Manifest.load(args.model)  # a wrong directory is the user's error here, not a replica's crash later
+    if args.model:  # a wrong directory is the user's error here, not a replica's crash later
+        _servable(Manifest.load(args.model))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below stops what ray.init started
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=args.verbose)
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -400,7 +437,8 @@ class _StepDisplay:
         done = int((info.canvas[:, self.prompt_len:] != self.mask_id).sum())
         rate = done / max(time.perf_counter() - self.start, 1e-9)
         bar = "#" * (30 * done // self.tokens)
-        steps = f"{info.step + 1}/{info.total_steps}" if info.total_steps else f"{info.step + 1}"
+        total = getattr(info, "total_steps", None)  # None under threshold/factor rules and block diffusion
+        steps = f"{info.step + 1}/{total}" if total else f"{info.step + 1}"
         line = f"\rstep {steps} [{bar:<30}] {rate:.1f} tok/s"
         if self.show_steps:
             shown = self.codec.render_canvas(info.canvas[0, self.prompt_len:]).replace("\n", "\\n")

@@ -17,7 +17,6 @@ import numpy as np
 
 from .errors import InputError
 from .pipeline import Pipeline
-from .settings import SamplerSettings
 
 
 class ChatSession:
@@ -26,7 +25,7 @@ class ChatSession:
             raise InputError("this model has no chat template (it is a base model): chat needs an Instruct export; "
                              "for a base model generate from raw prompts (`chat=False`)")
         self.pipeline = pipeline
-        self.settings = SamplerSettings.of(settings, text=True)
+        self.settings = pipeline.settings(settings, text=True)
         self.seed = seed
         self.ids = np.zeros((1, 0), dtype=np.int64)
         self.turn_starts: list[int] = []  # where each user turn begins in ``ids``
@@ -56,8 +55,10 @@ class ChatSession:
                              "or lower `gen_length`")
         prompt = np.concatenate([history, np.asarray([turn], dtype=np.int64)], axis=1)
         out = self.pipeline.generate_ids(prompt, seed=self.seed, **self.settings.as_dict())
-        answer = codec.decode(out[0, prompt.shape[1]:])
-        eos = manifest.id("eos_token_id")
-        self.ids = out[:, out[0] != eos]
+        end = prompt.shape[1] + self.settings.gen_length  # a block-diffusion canvas runs to the end of its block
+        answer = codec.decode(out[0, prompt.shape[1]:end])
+        out = out[:, :end]
+        kept = (out[0] != manifest.id("eos_token_id")) & (out[0] != manifest.id("mask_token_id"))
+        self.ids = out[:, kept]
         self.turn_starts = starts
         return answer

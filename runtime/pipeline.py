@@ -11,6 +11,8 @@ import onnxruntime as ort
 
 from .default_model import default_onnx_dir
 from .errors import InputError
+from .block_sampler import generate_block_ids
+from .block_settings import BlockSettings
 from .kv_cache import KVCacheSession
 from .manifest import Manifest
 from .noise import Noise, NoiseLike
@@ -60,9 +62,18 @@ class Pipeline:
     def provider(self) -> str:
         return self.graph.provider
 
-    def forward_logits(self, input_ids, attention_mask=None) -> np.ndarray:
+    @property
+    def block_diffusion(self) -> bool:
+        """Whether the export runs the block-diffusion sampler (LLaDA2; its settings: :class:`BlockSettings`)."""
+        return self.manifest.sampler == "block_diffusion"
+
+    def forward_logits(self, input_ids, attention_mask=None, *, block_length: int | None = None) -> np.ndarray:
         """The mask predictor's logits at every position, float32 ``[batch, length, vocab]``: one forward pass of
-        the export, for equivalence tests against the torch model (``attention_mask``: 1 = token, 0 = padding)."""
+        the export, for equivalence tests against the torch model (``attention_mask``: 1 = token, 0 = padding;
+        ``block_length``: a block-diffusion export's block size, required there)."""
+        if self.block_diffusion != (block_length is not None):
+            raise InputError("`block_length` is required for a block-diffusion export and only there"
+                             if self.block_diffusion else "this export has no blocks: leave `block_length` out")
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -72,7 +83,8 @@ class Pipeline:
         if ids.size and (ids.min() < 0 or ids.max() >= self.manifest.vocab_size):
             raise InputError(f"input_ids must lie in [0, {self.manifest.vocab_size}), the model's vocabulary")
         positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        return self.graph.run(ids, mask, np.ascontiguousarray(positions), logits=True).logits
+        return self.graph.run(ids, mask, np.ascontiguousarray(positions), logits=True,
+                              block_length=block_length).logits
 
     def generate_ids(self, input_ids, attention_mask=None, *, seed: int | None = None, rng: NoiseLike = None,
                      callback: Callback | None = None, **settings: Any) -> np.ndarray:
@@ -82,17 +94,26 @@ class Pipeline:
         token; early stop off, so the canvas is the full one unless asked). Same result as
         :func:`llada_onnx.models.sampler.generate`; ``seed`` or ``rng`` (a numpy Generator or
         ``callable(shape, dtype)``) supplies the noise, seed 0 by default. ``cache`` ("prefix" / "dual") needs an
-        export made with ``--cache``.
+        export made with ``--cache``. A block-diffusion export (LLaDA2) takes :class:`BlockSettings` instead (the
+        official LLaDA2.0 ``generate()``'s arguments) and returns its canvas (see :mod:`.block_sampler`).
         """
-        return self._generate_ids(input_ids, attention_mask, SamplerSettings.of(settings), seed=seed, rng=rng,
+        return self._generate_ids(input_ids, attention_mask, self.settings(settings), seed=seed, rng=rng,
                                   callback=callback)
 
-    def _generate_ids(self, input_ids, attention_mask, settings: SamplerSettings, *, seed: int | None = None,
-                      rng: NoiseLike = None, callback: Callback | None = None) -> np.ndarray:
+    def settings(self, settings: dict[str, Any], *, text: bool = False) -> SamplerSettings | BlockSettings:
+        """``settings`` checked as this export's sampler takes them (``text``: with the text defaults)."""
+        if self.block_diffusion:
+            return BlockSettings.of(settings)
+        return SamplerSettings.of(settings, text=text)
+
+    def _generate_ids(self, input_ids, attention_mask, settings, *, seed: int | None = None,
+                      rng: NoiseLike = None, callback=None) -> np.ndarray:
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
         mask = None if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        if self.block_diffusion:
+            return generate_block_ids(self.graph, ids, mask, settings, noise=Noise.of(rng, seed), callback=callback)
         return generate_ids(self.graph, ids, mask, settings, noise=Noise.of(rng, seed), callback=callback,
                             cache_graph=self.kv_cache if settings.cache != "none" else None)
 
@@ -104,7 +125,7 @@ class Pipeline:
         models). Settings are those of :meth:`generate_ids`. Each answer is cut at its first EOS/EoT. Early stop is
         on by default here: it cannot change the text (see :class:`SamplerSettings`).
         """
-        resolved = SamplerSettings.of(settings, text=True)
+        resolved = self.settings(settings, text=True)
         ids, mask = self.codec.encode_batch(prompts, chat)
         out = self._generate_ids(ids, mask, resolved, seed=seed, rng=rng, callback=callback)
-        return self.codec.decode_batch(out[:, ids.shape[1]:])
+        return self.codec.decode_batch(out[:, ids.shape[1]:ids.shape[1] + resolved.gen_length])

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
-from .contract import FORWARD, GRAPH_KINDS, GraphKind
+from .contract import GRAPH_KINDS, GraphKind
 from .errors import LladaOnnxError, NotAnExportError
 from .manifest import Manifest
 
@@ -96,25 +96,23 @@ class GraphSession:
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
                  allow_fallback: bool = False):
         self.manifest = manifest
-        if manifest.sampler != "llada":
-            raise UnsupportedGraphError(
-                f"{manifest.directory} is an export for the {manifest.sampler} sampler ({manifest.architecture}), "
-                "which this runtime does not drive yet; its graph runs in onnxruntime directly (inputs: "
-                f"{', '.join(GRAPH_KINDS[manifest.main_kind].input_names(0))})")
         # How the session was opened: the export's other graphs open the same way (see Pipeline.kv_cache).
         self.opened_with = dict(provider=provider, device_id=device_id, threads=threads,
                                 session_options=session_options, allow_fallback=allow_fallback)
         self.session, self.provider = open_session(manifest.graph_path, provider, device_id=device_id,
                                                    threads=threads, session_options=session_options,
                                                    allow_fallback=allow_fallback)
-        check_graph(self.session, FORWARD, manifest.sizes.n_layers, manifest.graph_path)
+        check_graph(self.session, GRAPH_KINDS[manifest.main_kind], manifest.sizes.n_layers, manifest.graph_path)
         check_moe_kernel(manifest, self.provider)
         self._device = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(self.provider)
         self._device_id = device_id
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
-            *, logits: bool = False) -> StepOutput:
+            *, logits: bool = False, block_length: int | None = None) -> StepOutput:
+        """The main graph at ``positions``; a block-diffusion graph also takes ``block_length``."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
+        if block_length is not None:
+            feeds["block_length"] = np.array(block_length, dtype=np.int64)
         cuda = self._device_id if self._device == "cuda" else None
         return run_step(self.session, feeds, logits=logits, cuda_device=cuda)[0]
 

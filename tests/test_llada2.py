@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from llada_onnx.models.block_sampler import BlockSettings, answer_ids, generate
+from llada_onnx.models.block_sampler import answer_ids, generate
+from llada_onnx.runtime.block_settings import BlockSettings
 from llada_onnx.models.config import UnsupportedConfigError
 from llada_onnx.models.llada2 import LLaDA2Config, LLaDA2Model, block_bias, route
 from llada_onnx.models.tiny import make_tiny_llada2_checkpoint
@@ -220,15 +222,14 @@ def llada2_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("form", ["fused", "decomposed"])
 def test_export_takes_the_block_length_as_an_input(tmp_path, llada2_ckpt, form):
     """One export serves every block size: the graph's logits match torch's at block lengths 4 and 16, on a batch with
-    a left-padded row; the export validates (fp32 against torch) and the runtime refuses it until it has the block
-    sampler, saying so."""
+    a left-padded row; the export validates (fp32 against torch); Pipeline.forward_logits takes the block length."""
     import json
 
     import numpy as np
     import onnxruntime as ort
 
     from llada_onnx.export import export
-    from llada_onnx.runtime import Pipeline, UnsupportedGraphError
+    from llada_onnx.runtime import Pipeline
 
     out = tmp_path / form
     report = export(llada2_ckpt, out, moe=form, progress=False).validation
@@ -250,5 +251,92 @@ def test_export_takes_the_block_length_as_an_input(tmp_path, llada2_ckpt, form):
             want = model(ids, mask, positions, block_length=block).numpy()
         np.testing.assert_allclose(got[mask.bool().numpy()], want[mask.bool().numpy()], atol=1e-4 * float(
             np.abs(want).std()) + 1e-5, rtol=0)
-    with pytest.raises(UnsupportedGraphError, match="block_diffusion sampler .* does not drive yet"):
-        Pipeline.from_pretrained(out)
+    pipe = Pipeline.from_pretrained(out)
+    np.testing.assert_allclose(pipe.forward_logits(ids.numpy(), mask.numpy(), block_length=4)[mask.bool().numpy()],
+                               model(ids, mask, block_length=4).detach().numpy()[mask.bool().numpy()], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llada2_pipe(tmp_path_factory, llada2_ckpt):
+    from llada_onnx.export import export
+    from llada_onnx.runtime import Pipeline
+
+    out = tmp_path_factory.mktemp("llada2-export") / "onnx"
+    export(llada2_ckpt, out, progress=False)
+    return Pipeline.from_pretrained(out)
+
+
+GRID = [dict(block_length=8, steps=8, threshold=0.95), dict(block_length=8, steps=4, threshold=0.5),
+        dict(block_length=4, steps=4, threshold=1.0), dict(block_length=16, steps=8, threshold=0.95,
+                                                            eos_early_stop=True),
+        dict(block_length=8, steps=8, threshold=0.9, editing_threshold=0.5, max_post_steps=3),
+        dict(block_length=8, steps=8, threshold=0.95, temperature=1.0, top_k=50, top_p=0.9)]
+
+
+@pytest.mark.parametrize("options", GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2_ckpt, options):
+    """The NumPy sampler on the export against the torch reference on the checkpoint: same canvases, token for
+    token, on a left-padded batch whose prompts do and do not divide the block (seeded noise at temperature > 0)."""
+    import numpy as np
+
+    from llada_onnx.runtime.noise import Noise
+
+    model = LLaDA2Model.from_pretrained(llada2_ckpt)
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 1000, size=n) for n in (11, 8, 5)]
+    width = max(len(r) for r in rows)
+    ids = np.stack([np.concatenate([np.full(width - len(r), EOS), r]) for r in rows])
+    mask = np.stack([np.concatenate([np.zeros(width - len(r)), np.ones(len(r))]) for r in rows]).astype(np.int64)
+    s = BlockSettings(gen_length=32, **options)
+    got = llada2_pipe.generate_ids(ids, mask, seed=7, **dataclasses.asdict(s))
+    want = generate(model, torch.from_numpy(ids), torch.from_numpy(mask), settings=s, mask_id=MASK, eos_id=EOS,
+                    pad_id=EOS, noise=Noise.of(None, 7)).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+
+def test_a_finished_blocks_tokens_are_final(llada2_pipe):
+    """The streaming contract: once the step callback says positions before ``final_until`` are final, they never
+    change again (editing on, so committed tokens inside a running block may still change)."""
+    import numpy as np
+
+    seen = []
+    canvas = llada2_pipe.generate_ids(np.arange(1, 12)[None], gen_length=32, block_length=8, steps=8,
+                                      threshold=0.9, editing_threshold=0.5, max_post_steps=2,
+                                      callback=lambda info: seen.append((info.final_until[0], info.canvas.copy())))
+    assert seen[-1][0] > seen[0][0] >= 11
+    for until, snapshot in seen:
+        np.testing.assert_array_equal(snapshot[0, :until], canvas[0, :until])
+
+
+
+def test_command_line_export_int4_and_chat(tmp_path, llada2_ckpt, llada2_pipe):
+    """``llada-onnx export CKPT OUT --quantize int4`` and ``llada-onnx chat --model OUT --threshold 0.95`` on the
+    tiny real-layout checkpoint; the other sampler family's flags are refused in one line (exit 2)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).with_name("llada-onnx"))
+    out = tmp_path / "int4"
+    res = subprocess.run([cli, "export", str(llada2_ckpt), str(out), "--quantize", "int4"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "QMoE" in ops and "MatMulNBits" in ops
+    res = subprocess.run([cli, "chat", "--model", str(out), "--threshold", "0.95", "--gen-length", "16",
+                          "--block-length", "8"], input="the king\n\n", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.count("llada>") == 1, res.stderr
+    model = str(llada2_pipe.manifest.directory)
+    for flags, message in ((["--cfg-scale", "1"], "--cfg-scale is not a setting of the block-diffusion sampler"),
+                           (["--cache", "dual"], "--cache is not a setting of the block-diffusion sampler")):
+        res = subprocess.run([cli, "generate", "--model", model, "--prompt", "x", *flags], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = subprocess.run([cli, "generate", "--prompt", "x", "--editing-threshold", "0.5"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and "--editing-threshold is a block-diffusion (LLaDA2) setting" in res.stderr
+    res = subprocess.run([cli, "serve", "--model", model], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "does not batch yet" in res.stderr
