@@ -70,26 +70,23 @@ def generate(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = 
     noise = noise or Noise.of(None)
     rows, width = prompt.shape
     mask_in = torch.ones_like(prompt) if attention_mask is None else attention_mask.to(prompt.device)
-    lengths = mask_in.sum(dim=1).tolist()
-    pads = [width - n for n in lengths]
-    first = [n // b for n in lengths]  # the block holding each row's prompt end
-    blocks = [(n + s.gen_length + b - 1) // b for n in lengths]
-    total = max(pad + nb * b for pad, nb in zip(pads, blocks))
+    layout = s.layout(mask_in.sum(dim=1).tolist(), width)
+    total = layout.total
     x = torch.full((rows, total), pad_id, dtype=torch.long, device=prompt.device)
     am = torch.zeros_like(x)
     x[:, :width], am[:, :width] = prompt, mask_in
     for r in range(rows):
-        x[r, width:pads[r] + blocks[r] * b] = mask_id
-        am[r, width:pads[r] + blocks[r] * b] = 1
+        x[r, width:layout.end(r)] = mask_id
+        am[r, width:layout.end(r)] = 1
     prompt_pos = torch.zeros_like(x, dtype=torch.bool)
     prompt_pos[:, :width] = True
     schedule = s.schedule()
     finished = [False] * rows
-    for j in range(max(nb - f for nb, f in zip(blocks, first))):
-        active = [r for r in range(rows) if not finished[r] and first[r] + j < blocks[r]]
+    for j in range(layout.generations):
+        active = [r for r in range(rows) if not finished[r] and layout.running(r, j)]
         if not active:
             break
-        spans = {r: (pads[r] + (first[r] + j) * b, pads[r] + (first[r] + j + 1) * b) for r in active}
+        spans = {r: layout.span(r, j) for r in active}
         end = max(hi for _, hi in spans.values())
         done = {r: False for r in active}
         post = {r: 0 for r in active}  # editing steps after the block's last mask was filled

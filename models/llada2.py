@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import json_fields as fields
-from ..runtime.contract import ModelSizes
 from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids, refuse_unsupported
 from .modeling import RMSNorm, apply_rotary, rotary_at
-from .moe import grouped_routing, interleave_gate_up, moe_grouped_swiglu
-from .registry import Architecture, register
+from .moe import StackedExperts, grouped_routing, moe_grouped_swiglu
+from .registry import Architecture, hf_sizes, register
 
 DEFAULT_MASK_ID = 156895  # the official generate()'s defaults; config.json states only the pad id (LLADA2.md)
 DEFAULT_EOS_ID = 156892
@@ -181,7 +180,7 @@ class _Gate(nn.Module):
         self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
 
 
-class _SparseMoE(nn.Module):
+class _SparseMoE(StackedExperts):
     """The router (``gate``), the experts and the shared expert under their official names; the routed experts run
     through one op (:func:`~.moe.moe_grouped_swiglu`) on weights stacked as :func:`~.moe.moe_swiglu` reads them."""
 
@@ -193,19 +192,6 @@ class _SparseMoE(nn.Module):
                                      for _ in range(cfg.num_experts))
         if cfg.num_shared_experts:
             self.shared_experts = _MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
-
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``fc1`` ``[E, 2I, H]`` (gate and up rows interleaved) and ``fc2`` ``[E, H, I]``."""
-        if hasattr(self, "fc1"):
-            return self.fc1, self.fc2
-        fc1 = torch.stack([interleave_gate_up(e.gate_proj.weight, e.up_proj.weight) for e in self.experts])
-        return fc1, torch.stack([e.down_proj.weight for e in self.experts])
-
-    def stack_experts(self) -> None:
-        with torch.no_grad():
-            fc1, fc2 = self.stacked()
-            self.fc1, self.fc2 = nn.Parameter(fc1, requires_grad=False), nn.Parameter(fc2, requires_grad=False)
-        del self.experts
 
     def forward(self, x):
         b, n, d = x.shape
@@ -325,12 +311,6 @@ def parameter_count(cfg: LLaDA2Config) -> int:
     return 2 * cfg.vocab_size * d + cfg.num_hidden_layers * (attn + 2 * d + 2 * hd) + layers + d
 
 
-def sizes(cfg: LLaDA2Config) -> ModelSizes:
-    return ModelSizes(n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
-                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                      max_sequence_length=cfg.max_position_embeddings)
-
-
 def summary(cfg: LLaDA2Config) -> dict[str, Any]:
     return {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
             "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
@@ -341,4 +321,4 @@ def summary(cfg: LLaDA2Config) -> dict[str, Any]:
 LLADA2 = register(Architecture(
     name="LLaDA2MoeModelLM", description="LLaDA2.x: LLaDA2.0/2.1 mini and flash (block diffusion, MoE)",
     config=LLaDA2Config, model=LLaDA2Model, sampler="block_diffusion", graph_kinds=("block_forward",),
-    parameter_count=parameter_count, sizes=sizes, summary=summary, model_types=("llada2_moe",), experts=True))
+    parameter_count=parameter_count, sizes=hf_sizes, summary=summary, model_types=("llada2_moe",), experts=True))

@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from ..runtime import json_fields as fields
-from ..runtime.contract import ModelSizes
 from .config import CheckpointError, UnsupportedConfigError, refuse_unsupported, read_config_with_ids
 from .modeling import MaskPredictor, RMSNorm, apply_rotary, attend, cached_bias, optional_padding_bias, rotary_at
-from .moe import interleave_gate_up, moe_swiglu
-from .registry import Architecture, register
+from .moe import StackedExperts, moe_swiglu
+from .registry import Architecture, hf_sizes, register
 
 # The official sampler is called with this mask id; checkpoints need not state it (LLADA_MOE.md).
 DEFAULT_MASK_ID = 156895
@@ -169,7 +168,7 @@ class _Expert(nn.Module):
         self.down_proj = nn.Linear(i, d, bias=False)
 
 
-class _SparseMoE(nn.Module):
+class _SparseMoE(StackedExperts):
     """The router (``gate``) and the experts under their official names; :meth:`stack_experts` joins them into
     the two weight tensors the MoE op reads (for export, as dense LLaDA joins its projections)."""
 
@@ -178,19 +177,6 @@ class _SparseMoE(nn.Module):
         self.k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(_Expert(cfg) for _ in range(cfg.num_experts))
-
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``fc1`` ``[E, 2I, H]`` (gate and up rows interleaved) and ``fc2`` ``[E, H, I]``."""
-        if hasattr(self, "fc1"):
-            return self.fc1, self.fc2
-        fc1 = torch.stack([interleave_gate_up(e.gate_proj.weight, e.up_proj.weight) for e in self.experts])
-        return fc1, torch.stack([e.down_proj.weight for e in self.experts])
-
-    def stack_experts(self) -> None:
-        with torch.no_grad():
-            fc1, fc2 = self.stacked()
-            self.fc1, self.fc2 = nn.Parameter(fc1, requires_grad=False), nn.Parameter(fc2, requires_grad=False)
-        del self.experts
 
     def forward(self, x):
         b, n, d = x.shape
@@ -266,12 +252,6 @@ def parameter_count(cfg: LLaDAMoEConfig) -> int:
     return 2 * cfg.vocab_size * d + cfg.num_hidden_layers * (attn + norms + moe) + d
 
 
-def sizes(cfg: LLaDAMoEConfig) -> ModelSizes:
-    return ModelSizes(n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
-                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                      max_sequence_length=cfg.max_position_embeddings)
-
-
 def summary(cfg: LLaDAMoEConfig) -> dict[str, Any]:
     return {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
             "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
@@ -281,4 +261,4 @@ def summary(cfg: LLaDAMoEConfig) -> dict[str, Any]:
 MOE = register(Architecture(
     name="LLaDAMoEModelLM", description="LLaDA-MoE: LLaDA-MoE-7B-A1B Base/Instruct/Instruct-TD",
     config=LLaDAMoEConfig, model=LLaDAMoEModel, sampler="llada", graph_kinds=("forward", "kv_cache"),
-    parameter_count=parameter_count, sizes=sizes, summary=summary, experts=True))
+    parameter_count=parameter_count, sizes=hf_sizes, summary=summary, experts=True))

@@ -14,11 +14,31 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``[2I, H]`` with rows gate_0, up_0, gate_1, up_1, ..."""
     return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], gate.shape[1])
+
+
+class StackedExperts(nn.Module):
+    """A mixture whose ``experts`` (each with ``gate_proj``/``up_proj``/``down_proj``, the official names) run
+    through one of the ops here: :meth:`stacked` gives their weights in the ops' layout, :meth:`stack_experts`
+    keeps them that way (for export: two tensors instead of three per expert)."""
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fc1`` ``[E, 2I, H]`` (gate and up rows interleaved) and ``fc2`` ``[E, H, I]``."""
+        if hasattr(self, "fc1"):
+            return self.fc1, self.fc2
+        fc1 = torch.stack([interleave_gate_up(e.gate_proj.weight, e.up_proj.weight) for e in self.experts])
+        return fc1, torch.stack([e.down_proj.weight for e in self.experts])
+
+    def stack_experts(self) -> None:
+        with torch.no_grad():
+            fc1, fc2 = self.stacked()
+            self.fc1, self.fc2 = nn.Parameter(fc1, requires_grad=False), nn.Parameter(fc2, requires_grad=False)
+        del self.experts
 
 
 @torch.library.custom_op("llada_onnx::moe_swiglu", mutates_args=())

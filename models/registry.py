@@ -50,6 +50,13 @@ def register(architecture: Architecture) -> Architecture:
     return architecture
 
 
+def hf_sizes(cfg: Any) -> ModelSizes:
+    """:class:`ModelSizes` of a config with the Hugging Face field names (LLaDA-MoE's, LLaDA2's)."""
+    return ModelSizes(n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                      max_sequence_length=cfg.max_position_embeddings)
+
+
 def supported() -> list[Architecture]:
     return list(_ARCHITECTURES.values())
 

@@ -78,30 +78,22 @@ def generate_block_ids(graph: GraphSession, prompt: np.ndarray, attention_mask: 
     prompt = np.asarray(prompt, dtype=np.int64)
     rows, width = prompt.shape
     mask_in = np.ones_like(prompt) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-    lengths = mask_in.sum(axis=1).tolist()
-    pads = [width - n for n in lengths]
-    first = [n // b for n in lengths]
-    blocks = [(n + s.gen_length + b - 1) // b for n in lengths]
-    total = max(pad + nb * b for pad, nb in zip(pads, blocks))
-    if total > m.max_sequence_length:
-        from .errors import InputError
-
-        raise InputError(f"prompt + `gen_length` {s.gen_length}, in blocks of {b}, needs {total} positions; the "
-                         f"model's max_sequence_length is {m.max_sequence_length}")
+    layout = s.layout(mask_in.sum(axis=1).tolist(), width)
+    total = layout.total
     x = np.full((rows, total), pad_id, dtype=np.int64)
     am = np.zeros_like(x)
     x[:, :width], am[:, :width] = prompt, mask_in
     for r in range(rows):
-        x[r, width:pads[r] + blocks[r] * b] = mask_id
-        am[r, width:pads[r] + blocks[r] * b] = 1
+        x[r, width:layout.end(r)] = mask_id
+        am[r, width:layout.end(r)] = 1
     schedule = s.schedule()
     finished = [False] * rows
     final_until = [width] * rows
-    for j in range(max(nb - f for nb, f in zip(blocks, first))):
-        active = [r for r in range(rows) if not finished[r] and first[r] + j < blocks[r]]
+    for j in range(layout.generations):
+        active = [r for r in range(rows) if not finished[r] and layout.running(r, j)]
         if not active:
             break
-        spans = {r: (pads[r] + (first[r] + j) * b, pads[r] + (first[r] + j + 1) * b) for r in active}
+        spans = {r: layout.span(r, j) for r in active}
         end = max(hi for _, hi in spans.values())
         done = {r: False for r in active}
         post = {r: 0 for r in active}

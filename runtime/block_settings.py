@@ -70,3 +70,42 @@ class BlockSettings:
         """Tokens to commit at each step of a block: ``block_length`` over the steps, the first ones one more."""
         n, s = self.block_length, self.steps_per_block
         return [n // s + (i < n % s) for i in range(s)]
+
+    def layout(self, lengths: list[int], width: int) -> "BlockLayout":
+        """The canvas of a batch of prompts with ``lengths`` real tokens, left-padded to ``width``."""
+        b = self.block_length
+        pads = [width - n for n in lengths]
+        first = [n // b for n in lengths]  # the block holding each row's prompt end is its first generated one
+        blocks = [(n + self.gen_length + b - 1) // b for n in lengths]
+        return BlockLayout(b, width, pads, first, blocks, max(p + n * b for p, n in zip(pads, blocks)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """Where each row's blocks lie on the canvas: row ``r`` has ``pads[r]`` pads, then its own block grid (counted
+    from its first token) up to ``blocks[r]`` blocks, of which it generates ``first[r]`` onwards."""
+
+    block_length: int
+    width: int
+    pads: list[int]
+    first: list[int]
+    blocks: list[int]
+    total: int  # canvas length: the longest row's last block end
+
+    @property
+    def generations(self) -> int:
+        """How many blocks the longest-running row generates."""
+        return max(nb - f for nb, f in zip(self.blocks, self.first))
+
+    def span(self, row: int, j: int) -> tuple[int, int]:
+        """Canvas positions of row ``row``'s ``j``-th generated block."""
+        lo = self.pads[row] + (self.first[row] + j) * self.block_length
+        return lo, lo + self.block_length
+
+    def end(self, row: int) -> int:
+        """Where row ``row``'s canvas ends (its last block's end)."""
+        return self.pads[row] + self.blocks[row] * self.block_length
+
+    def running(self, row: int, j: int) -> bool:
+        return self.first[row] + j < self.blocks[row]
+
