@@ -175,6 +175,38 @@ def test_eos_ends_the_generation_after_its_block():
     assert answer_ids(out[0], 4, 12, EOS).tolist() == [104, 105, EOS]
 
 
+def _routed_experts(llada2, fc1=None, fc2=None):
+    """Layer 1's routed experts of the tiny model as a module: router in float32, then the grouped-routing op."""
+    from llada_onnx.models.moe import moe_grouped_swiglu
+
+    moe, c = llada2.model.layers[1].mlp, llada2.config
+    stacked = [w.detach().clone() for w in moe.stacked()]
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.bias = moe.gate.weight.detach(), moe.gate.expert_bias.detach()
+            self.fc1 = stacked[0] if fc1 is None else fc1
+            self.fc2 = stacked[1] if fc2 is None else fc2
+
+        def forward(self, x):
+            logits = torch.nn.functional.linear(x.float(), self.gate.float())
+            return moe_grouped_swiglu(x, logits, self.bias, self.fc1, self.fc2, c.num_experts_per_tok, c.n_group,
+                                      c.topk_group, c.routed_scaling_factor)
+
+    return Routed().eval()
+
+
+def _export_routed(module, path, form: str, hidden: int):
+    from llada_onnx.export.moe import translation_table
+
+    x = torch.randn(64, hidden)
+    torch.onnx.export(module, (x,), str(path), dynamo=True, opset_version=20, input_names=["x"], output_names=["y"],
+                      dynamic_shapes={"x": {0: torch.export.Dim("tokens")}},
+                      custom_translation_table=translation_table(form))
+    return x
+
+
 @pytest.mark.parametrize("form", ["fused", "decomposed"])
 def test_the_routed_experts_in_onnx_match_torch(tmp_path, llada2, form):
     """The grouped-routing expert op written as onnxruntime's MoE kernel (routing in standard ops in front) and in
@@ -183,35 +215,44 @@ def test_the_routed_experts_in_onnx_match_torch(tmp_path, llada2, form):
     import onnx
     import onnxruntime as ort
 
-    from llada_onnx.export.moe import translation_table
-    from llada_onnx.models.moe import moe_grouped_swiglu
-
-    moe = llada2.model.layers[1].mlp
-    fc1, fc2 = (w.detach().clone() for w in moe.stacked())
-    c = llada2.config
-
-    class Routed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate, self.bias = moe.gate.weight.detach(), moe.gate.expert_bias.detach()
-            self.fc1, self.fc2 = fc1, fc2
-
-        def forward(self, x):
-            logits = torch.nn.functional.linear(x.float(), self.gate.float())
-            return moe_grouped_swiglu(x, logits, self.bias, self.fc1, self.fc2, c.num_experts_per_tok, c.n_group,
-                                      c.topk_group, c.routed_scaling_factor)
-
-    x = torch.randn(64, c.hidden_size)
-    routed = Routed().eval()
+    routed = _routed_experts(llada2)
+    x = _export_routed(routed, tmp_path / "moe.onnx", form, llada2.config.hidden_size)
     want = routed(x)
-    path = tmp_path / "moe.onnx"
-    torch.onnx.export(routed, (x,), str(path), dynamo=True, opset_version=20, input_names=["x"],
-                      output_names=["y"], dynamic_shapes={"x": {0: torch.export.Dim("tokens")}},
-                      custom_translation_table=translation_table(form))
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "moe.onnx")).graph.node}
     assert ("MoE" in ops) == (form == "fused")
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = ort.InferenceSession(str(tmp_path / "moe.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_quantized_routed_experts_are_the_dequantized_ones(tmp_path, llada2, method):
+    """The fused graph's MoE node rewritten as QMoE (whose router_weights are the softmax of the log-scores it is fed:
+    the renormalised sigmoid scores) computes the eager op over the dequantized expert weights."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from llada_onnx.export.quantize_experts import quantize_experts, quantize_int4, quantize_int8
+
+    routed = _routed_experts(llada2)
+    x = _export_routed(routed, tmp_path / "moe.onnx", "fused", llada2.config.hidden_size)
+    model = onnx.load(str(tmp_path / "moe.onnx"))
+    assert quantize_experts(model, tmp_path, method, 16) == 1
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+
+    def dequantized(w: torch.Tensor) -> torch.Tensor:
+        w = w.numpy()
+        if method == "int8":
+            q, scales = quantize_int8(w)
+            return torch.from_numpy((q.astype(np.float32) - 128) * scales[..., None])
+        packed, scales = quantize_int4(w, 16)
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(w.shape).astype(np.float32) - 8
+        return torch.from_numpy((q.reshape(*w.shape[:2], -1, 16) * scales[..., None]).reshape(w.shape))
+
+    want = _routed_experts(llada2, *(dequantized(w) for w in (routed.fc1, routed.fc2)))(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max(), rtol=0)
 
 
 @pytest.fixture(scope="module")
