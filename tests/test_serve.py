@@ -203,19 +203,19 @@ def test_the_web_page_streams_and_draws_the_canvas(server, tmp_path):
 
 
 def test_ray_serve_replicas_serve_the_same_api(default_pipe):
-    """A local Ray cluster with 2 CPU replicas behind Ray Serve's proxy: concurrent streaming clients through the
-    OpenAI client get the texts they get alone, and both replicas take requests."""
+    """A local Ray cluster with 2 CPU replicas behind Ray Serve's proxy: 16 concurrent streaming clients through the
+    OpenAI client get the texts they get alone, and both replicas take requests (each names itself in
+    ``system_fingerprint``)."""
     alone = {p: default_pipe.generate(p, gen_length=32)[0] for p in PROMPTS}
     with Server("--ray", "--replicas", "2", "--num-cpus", "0.5", timeout=300) as s:
-        def one(i: int) -> tuple[str, str, int]:
+        def one(i: int) -> tuple[str, str, set]:
             prompt = PROMPTS[i % len(PROMPTS)]
-            stream = s.client().completions.create(model="x", prompt=prompt, max_tokens=32, stream=True)
-            return prompt, "".join(chunk.choices[0].text for chunk in stream), s.health()["pid"]
+            chunks = list(s.client().completions.create(model="x", prompt=prompt, max_tokens=32, stream=True))
+            return prompt, "".join(c.choices[0].text for c in chunks), {c.system_fingerprint for c in chunks}
 
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(one, range(16)))
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(32)))
         assert all(text == alone[prompt] for prompt, text, _ in results)
-        assert len({s.health()["pid"] for _ in range(20)}) == 2
+        assert len(set().union(*(replica for _, _, replica in results))) == 2  # both replicas answered
         status, reply = s.post("/v1/completions", json.dumps({"prompt": "x", "top_p": 0.2}).encode())
         assert status == 400 and "top_p" in reply["error"]["message"]
-

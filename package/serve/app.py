@@ -42,6 +42,7 @@ def create_app(pipeline: Pipeline, *, model_name: str, defaults: dict[str, Any] 
     codec = pipeline.codec
     defaults = dict(defaults or {})
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    fingerprint = f"llada-onnx-{os.getpid()}"  # which server process (replica) answered
 
     app = FastAPI(title="llada-onnx", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
@@ -99,7 +100,7 @@ def create_app(pipeline: Pipeline, *, model_name: str, defaults: dict[str, Any] 
         except QueueFull as e:
             return error(429, str(e), "rate_limit_error", headers={"Retry-After": "1"})
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                "model": model_name}
+                "model": model_name, "system_fingerprint": fingerprint}
         usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": stream.final.tokens,  # noqa: E731
                          "total_tokens": len(ids) + stream.final.tokens}
         if request.stream:
