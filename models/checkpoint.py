@@ -82,20 +82,13 @@ def checkpoint_bytes(checkpoint_dir: str | Path) -> int:
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> torch.nn.Module:
     """The checkpoint's model (of whichever registered architecture its config names), in ``dtype``."""
-    architecture, cfg = read_checkpoint_config(Path(checkpoint_dir))
-    with torch.device("meta"):
-        model = architecture.model(cfg)
-    return load_weights(model, checkpoint_dir, dtype=dtype, device=device)
-
-
-def load_weights(model: torch.nn.Module, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Fill ``model`` (built on the meta device) from the checkpoint's safetensors, one tensor at a time; every
-    parameter must be there with its shape, and nothing else."""
     path = Path(checkpoint_dir)
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype}; use one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    architecture, cfg = read_checkpoint_config(path)
     files = weight_files(path)
+    with torch.device("meta"):
+        model = architecture.model(cfg)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
 
     state: dict[str, torch.Tensor] = {}
@@ -130,8 +123,8 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, *, max_shard_bytes: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-    config = dict(model.config.to_dict(), architectures=[architecture_for(model.config).name])
-    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    config = dict(model.config.to_dict(), architectures=[architecture_for(model.config).name],
+                  torch_dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..runtime import json_fields as fields
 from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids, refuse_unsupported
-from .modeling import RMSNorm, apply_rotary, rotary_at
-from .moe import StackedExperts, grouped_routing, moe_grouped_swiglu
+from .modeling import MaskPredictor, RMSNorm, apply_rotary, rotary_at
+from .moe import StackedExperts, moe_grouped_swiglu
 from .registry import Architecture, hf_sizes, register
 
 DEFAULT_MASK_ID = 156895  # the official generate()'s defaults; config.json states only the pad id (LLADA2.md)
@@ -155,12 +155,6 @@ def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum((attention_mask != 0).long(), dim=1) - 1).clamp(min=0)
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor, cfg: LLaDA2Config):
-    """The router on ``x`` ``[T, H]``: ``(experts [T, k], mixing weights [T, k] float32)`` as the official gate."""
-    return grouped_routing(x.float() @ weight.float().T, expert_bias, cfg.num_experts_per_tok, cfg.n_group,
-                           cfg.topk_group, cfg.routed_scaling_factor)
-
-
 class _MLP(nn.Module):
     def __init__(self, d: int, hidden: int):
         super().__init__()
@@ -253,8 +247,9 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LLaDA2Model(nn.Module):
-    """``(input_ids, attention_mask, block_length) -> logits [B, L, vocab]`` (official tensor names)."""
+class LLaDA2Model(MaskPredictor):
+    """``(input_ids, attention_mask, positions, block_length) -> logits`` (official tensor names); the checkpoint IO
+    is :class:`MaskPredictor`'s. No ``cached_hidden_states`` yet: LLaDA2's exact block cache is still to come."""
 
     def __init__(self, cfg: LLaDA2Config):
         super().__init__()
@@ -281,25 +276,12 @@ class LLaDA2Model(nn.Module):
             x = layer(x, cos, sin, bias)
         return self.model.norm(x)
 
-    @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "LLaDA2Model":
-        """A checkpoint in the hub layout (one module per expert), safetensors, lazily."""
-        from .checkpoint import load_model
-
-        return load_model(checkpoint_dir, dtype=dtype, device=device)
-
     def fuse_projections(self) -> "LLaDA2Model":
         """Stack every MoE layer's experts into the op's two weight tensors (for export); returns the model."""
         for layer in self.model.layers:
             if isinstance(layer.mlp, _SparseMoE):
                 layer.mlp.stack_experts()
         return self
-
-    def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int | None = None) -> None:
-        from .checkpoint import save_model
-
-        save_model(self, out_dir, max_shard_bytes=max_shard_bytes)
 
 
 def parameter_count(cfg: LLaDA2Config) -> int:

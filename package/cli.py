@@ -241,8 +241,9 @@ def _settings(args, pipe=None):
     other = [f.name for f in knobs() if f.name not in SHARED and getattr(args, f.name) != defaults[f.name]]
     if other:
         raise InputError(f"`{other[0]}` is not a setting of the block-diffusion sampler this export (LLaDA2) runs")
-    return BlockSettings.of({name: getattr(args, name) or None if name == "eos_early_stop" else getattr(args, name)
-                             for name in SHARED + BLOCK_ONLY})
+    values = {name: getattr(args, name) for name in SHARED + BLOCK_ONLY}
+    values["eos_early_stop"] = args.eos_early_stop or None  # a switch left off: the setting's default
+    return BlockSettings.of(values)
 
 
 def _pipeline(args):

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .block_settings import BlockSettings
+from .errors import InputError
 from .noise import Noise
 from .session import GraphSession, StepOutput
 
@@ -80,6 +81,9 @@ def generate_block_ids(graph: GraphSession, prompt: np.ndarray, attention_mask: 
     mask_in = np.ones_like(prompt) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     layout = s.layout(mask_in.sum(axis=1).tolist(), width)
     total = layout.total
+    if total > m.max_sequence_length:
+        raise InputError(f"prompt + `gen_length` {s.gen_length}, in blocks of {b}, needs {total} positions; the "
+                         f"model's max_sequence_length is {m.max_sequence_length}")
     x = np.full((rows, total), pad_id, dtype=np.int64)
     am = np.zeros_like(x)
     x[:, :width], am[:, :width] = prompt, mask_in

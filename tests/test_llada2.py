@@ -11,7 +11,8 @@ import torch
 from llada_onnx.models.block_sampler import answer_ids, generate
 from llada_onnx.runtime.block_settings import BlockSettings
 from llada_onnx.models.config import UnsupportedConfigError
-from llada_onnx.models.llada2 import LLaDA2Config, LLaDA2Model, block_bias, route
+from llada_onnx.models.llada2 import LLaDA2Config, LLaDA2Model, block_bias
+from llada_onnx.models.moe import grouped_routing
 from llada_onnx.models.tiny import make_tiny_llada2_checkpoint
 
 MASK, EOS = 156895, 156892
@@ -45,12 +46,9 @@ def test_config_reads_the_real_fields_and_refuses_what_is_not_implemented():
 def test_routing_on_a_hand_checked_example():
     """8 experts in 4 groups of 2, 2 groups kept, top-2, scale 2.5. The expert bias and the group limit both change
     the choice: without them experts 0 and 5 (the best raw scores) would win."""
-    cfg = LLaDA2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
-                       vocab_size=16, intermediate_size=8, moe_intermediate_size=4, num_experts=8,
-                       num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
-    logits = torch.tensor([2.0, -1.0, 0.5, 0.4, -2.0, 1.5, 0.0, -0.5])
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.4, -2.0, 1.5, 0.0, -0.5]])
     bias = torch.tensor([0, 0, 0, 0.5, 0, 0, 0.6, 0])
-    experts, weights = route(torch.ones(1, 8), torch.diag(logits), bias, cfg)
+    experts, weights = grouped_routing(logits, bias, k=2, n_group=4, topk_group=2, scale=2.5)
     # selection = sigmoid + bias = [.881 .269 | .622 1.099 | .119 .818 | 1.1 .378]; group sums of the best two:
     # 1.150, 1.721, 0.937, 1.478 -> groups 1 and 3 -> experts 6 (1.1) and 3 (1.099)
     got = dict(zip(experts[0].tolist(), weights[0].tolist()))
@@ -334,6 +332,13 @@ def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2
                     pad_id=EOS, noise=Noise.of(None, 7)).numpy()
     np.testing.assert_array_equal(got, want)
 
+
+
+def test_a_canvas_beyond_the_model_is_refused(llada2_pipe):
+    from llada_onnx.runtime import InputError
+
+    with pytest.raises(InputError, match="needs 8200 positions; the model's max_sequence_length is 4096"):
+        llada2_pipe.generate_ids([[5, 6, 7]], gen_length=8192, block_length=8)
 
 
 def test_a_finished_blocks_tokens_are_final(llada2_pipe):

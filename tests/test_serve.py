@@ -141,6 +141,19 @@ def test_concurrent_streaming_clients_each_get_their_own_text(server, default_pi
     assert server.health()["running"] == 0
 
 
+def test_greedy_and_sampling_requests_batched_together_get_their_own_text(server, default_pipe):
+    """Requests that sample (their step needs the logits) and greedy ones in flight together."""
+    settings = [dict(temperature=1.0, seed=i) if i % 2 else {} for i in range(8)]
+    alone = [default_pipe.generate(PROMPTS[i], gen_length=32, **s)[0] for i, s in enumerate(settings)]
+
+    def one(i: int) -> str:
+        return server.client().completions.create(model="x", prompt=PROMPTS[i], max_tokens=32,
+                                                  **settings[i]).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == alone
+
+
 def test_a_client_that_goes_away_frees_its_slot(server):
     body = json.dumps({"prompt": "ROMEO.", "max_tokens": 256, "stream": True}).encode()
     request = urllib.request.Request(server.url + "/v1/completions", data=body, method="POST",

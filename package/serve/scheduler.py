@@ -3,8 +3,8 @@
 Every request is its own :class:`~llada_onnx.runtime.sampler.SamplerRun` (its own settings, noise, canvas and
 block/step counters). One scheduler thread owns the graph session and loops: admit waiting requests while the
 running batch has room (``max_batch`` rows of the model call: a CFG request counts two), ask every running
-request for its next step, answer all exact-sampler steps with **one** forward call, and hand each request its
-rows of the answer. A request joins at the next step and leaves when it is finished, cancelled (its client went
+request for its next step, answer all exact-sampler steps with **one** forward call (two when some requests sample
+and need the logits: the greedy ones never copy vocabulary-sized rows), and hand each request its rows of the answer. A request joins at the next step and leaves when it is finished, cancelled (its client went
 away) or failed; nothing waits for a batch to drain.
 
 Canvases of different lengths are **right**-padded to the longest one (pad id, attention mask 0): each real token
@@ -122,8 +122,10 @@ class Scheduler:
                 self._finish(job, None)
             else:
                 (ready if job.call is not None else shared).append((job, request))
-        if shared:
-            self._shared_forward(shared)
+        for logits in (False, True):  # requests that sample need the logits; the others must not pay their copy
+            group = [(job, r) for job, r in shared if r.options["logits"] is logits]
+            if group:
+                self._shared_forward(group)
         for job, request in ready:
             self._answer(job, lambda: job.call(*request.inputs, **request.options))
         self._running = [j for j in self._running if not j.ended]
@@ -140,7 +142,7 @@ class Scheduler:
             ids.append(np.pad(canvas, ((0, 0), (0, extra)), constant_values=pad))
             masks.append(np.pad(mask, ((0, 0), (0, extra)), constant_values=0))
             positions.append(np.pad(pos, ((0, 0), (0, count - pos.shape[1])), mode="edge"))
-        logits = any(r.options["logits"] for _, r in batch)
+        logits = batch[0][1].options["logits"]
         start = time.perf_counter()
         try:
             out = self.pipeline.graph.run(np.concatenate(ids), np.concatenate(masks), np.concatenate(positions),
