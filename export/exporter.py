@@ -33,7 +33,7 @@ from .moe import MOE_FORMS, translation_table
 from .quantize import Quantization, QuantizationError, quantize_graph, remove_graph
 from .shared_weights import share_weights
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
-from .validate import ValidationError, validate_cache_graph, validate_export
+from .validate import ValidationError, validate_block_cache, validate_cache_graph, validate_export
 
 TRACED_FILE = "traced.onnx"  # a graph before quantization, deleted once the quantizer has written its own
 DEFAULT_OPSET = 20  # the highest opset the DirectML execution provider supports
@@ -119,14 +119,15 @@ def export(
     need = _disk_needed(architecture.parameter_count(cfg), dtype, cache, quantization)
     _check_disk(out, need)
     quantize = quantization.method != "none"
+    main = GRAPH_KINDS[architecture.graph_kinds[0]]
     stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
-                       + cache * (2 + validate))
+                       + cache * (2 + validate) + validate * (main is BLOCK_FORWARD))
     with disk_full_is_reported(out, need), staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
-        main = GRAPH_KINDS[architecture.graph_kinds[0]]
         fusions, quantized = _write_graph(lambda: _trace(main, model, sizes, opset, device, translations),
-                                          tmp / main.file, "the graph", fusion=fusion, required=None,
+                                          tmp / main.file, "the graph", fusion=fusion,
+                                          required=CACHE_REQUIRED if main.per_layer_inputs else None,
                                           quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
         if cache:
             _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device,
@@ -143,10 +144,16 @@ def export(
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
                 report = validate_export(tmp, model, dtype=dtype, device=device, quantized=quantize)
+            if main is BLOCK_FORWARD:
+                with stages.stage("validating the block cache"):
+                    report["block_cache"] = validate_block_cache(tmp, model, dtype=dtype, device=device,
+                                                                 quantized=quantize,
+                                                                 mean_tolerance=report.get("mean_tolerance"))
             if cache:
                 with stages.stage("validating the KV-cache graph"):
                     report["cache_graph"] = validate_cache_graph(tmp, model, dtype=dtype, device=device,
-                                                                 quantized=quantize)
+                                                                 quantized=quantize,
+                                                                 mean_tolerance=report.get("mean_tolerance"))
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         del model
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
@@ -198,7 +205,9 @@ def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate:
             "--no-validate to export without validation")
     architecture, cfg = read_checkpoint_config(ckpt)  # raises for a missing/foreign/unsupported/damaged config
     if cache and KV_CACHE.name not in architecture.graph_kinds:
-        raise ExportError(f"{architecture.name} has no KV-cache graph yet: export without --cache")
+        why = ("its graph caches finished blocks exactly, always" if architecture.sampler == "block_diffusion"
+               else "it has no KV-cache graph yet")
+        raise ExportError(f"--cache does not apply to {architecture.name}: {why}; export without --cache")
     check_weight_files(ckpt)  # raises for missing or damaged weights
     return architecture, cfg
 
@@ -271,7 +280,7 @@ def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device:
 
 
 def _trace(kind: GraphKind, model, cfg: ModelSizes, opset: int, device: str, translations: dict):
-    """The main graph, ``forward`` or ``block_forward`` (which also takes the block length)."""
+    """The main graph, ``forward`` or ``block_forward`` (which also takes the block length and a past)."""
     dim = torch.export.Dim
     batch = dim("batch", min=1, max=4096)
     length = dim("length", min=2, max=cfg.max_sequence_length)
@@ -283,12 +292,21 @@ def _trace(kind: GraphKind, model, cfg: ModelSizes, opset: int, device: str, tra
     positions = torch.tensor([[1, 2, 4], [2, 3, 4]], dtype=torch.long, device=device)
     shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
               "positions": {0: batch, 1: count}}
-    if kind is BLOCK_FORWARD:
-        graph, args = BlockSamplerGraph(model, device), (ids, mask, positions, torch.tensor(3, device=device))
-        shapes["block_length"] = {}
-    else:
-        graph, args = SamplerGraph(model, device), (ids, mask, positions)
-    return _export(graph.eval(), args, opset, kind.input_names(0), kind.output_names(0), shapes, translations)
+    if kind is not BLOCK_FORWARD:
+        return _export(SamplerGraph(model, device).eval(), (ids, mask, positions), opset, kind.input_names(0),
+                       kind.output_names(0), shapes, translations)
+    # A past of 4 positions before the 5 fed (its mask as long as the cached keys: the same dimension).
+    dtype = next(model.parameters()).dtype
+    past = [torch.zeros(2, cfg.n_kv_heads, 4, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(2 * cfg.n_layers)]
+    cached_mask = torch.ones(2, 4, dtype=torch.long, device=device)
+    cached_mask[1, :2] = 0
+    cached = dim("cached", min=0, max=cfg.max_sequence_length)  # 0: the full forward
+    shapes.update(block_length={}, cached_mask={0: batch, 1: cached})
+    return _export(BlockSamplerGraph(model, device).eval(), (ids, mask, positions, torch.tensor(3, device=device),
+                                                             cached_mask, *past),
+                   opset, kind.input_names(cfg.n_layers), kind.output_names(cfg.n_layers),
+                   (*shapes.values(), tuple({0: batch, 2: cached} for _ in past)), translations)
 
 
 def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes, translations: dict):

@@ -27,16 +27,21 @@ class SamplerGraph(nn.Module):
 
 
 class BlockSamplerGraph(nn.Module):
-    """The main graph of a block-diffusion model (``block_forward``): :class:`SamplerGraph`'s, with the block length
-    as an input, so one export serves every block size."""
+    """The graph of a block-diffusion model (``block_forward``): the fed tokens against the keys/values of finished
+    blocks (``past``; empty: the full forward), the block length an input so one export serves every block size.
+    Outputs :class:`SamplerGraph`'s, then per layer the fed tokens' keys and values. See
+    :meth:`~llada_onnx.models.llada2.LLaDA2Model.hidden_states`."""
 
     def __init__(self, model: nn.Module, device: str = "cpu"):
         super().__init__()
         self.model = model
         self.device = device
 
-    def forward(self, input_ids, attention_mask, positions, block_length):
-        return summaries(self.model(input_ids, attention_mask, positions, block_length=block_length), self.device)
+    def forward(self, input_ids, attention_mask, positions, block_length, cached_mask, *past):
+        h, presents = self.model.hidden_states(input_ids, attention_mask, block_length,
+                                               list(zip(past[0::2], past[1::2])), cached_mask)
+        h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
+        return (*summaries(self.model.lm_head(h), self.device), *(t for kv in presents for t in kv))
 
 
 class CachedSamplerGraph(nn.Module):

@@ -14,9 +14,10 @@ Batches: blocks and rotary positions count each row's own tokens (``cumsum(atten
 left-padded row computes exactly what the same prompt does alone; padded keys are masked. The official code runs
 batch 1 (positions ``arange``, no padding), where both agree.
 
-The exporter writes its main graph (``block_forward``: the block length as an input). The block step graph with an
-exact KV cache and the runtime's NumPy block sampler are still to come, so the runtime refuses these exports for
-now; :mod:`.block_sampler` is the torch reference sampler.
+Because blocks are causal, the keys and values of a finished block never change: :meth:`LLaDA2Model.hidden_states`
+takes them as a ``past`` and runs only the tokens fed (the current block, and the finished blocks not cached
+yet), which is exact, not an approximation. The exporter traces that one function (``block_forward``: an empty
+past is the full forward); :mod:`.block_sampler` is the torch reference sampler (uncached, as the official code).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from ..runtime import json_fields as fields
 from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids, refuse_unsupported
-from .modeling import MaskPredictor, RMSNorm, apply_rotary, rotary_at
+from .modeling import MaskPredictor, RMSNorm, apply_rotary, repeat_heads, rotary_at
 from .moe import StackedExperts, moe_grouped_swiglu
 from .registry import Architecture, hf_sizes, register
 
@@ -140,19 +141,27 @@ class LLaDA2Config:
                 "use_cache": False}
 
 
-def block_bias(attention_mask: torch.Tensor, block_length: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention bias ``[B, 1, L, L]`` of block diffusion: 0 where the key's block is not after the
-    query's and the key is a token, the dtype's most negative value elsewhere. Blocks count each row's tokens."""
-    keep = attention_mask != 0
-    block = (torch.cumsum(keep.long(), dim=1) - 1).div(block_length, rounding_mode="floor")
-    visible = (block[:, None, :] <= block[:, :, None]) & keep[:, None, :]
+def block_positions(attention_mask: torch.Tensor, cached_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's place among its row's tokens (padding: one less than the next token's), for the cached
+    positions ``[B, P]`` and the fed ones ``[B, n]``, counted over both. Computed per part, not on one joined mask
+    then sliced: a slice at a traced offset has a size some torch versions cannot export."""
+    cached = (cached_mask != 0).long()
+    fed = torch.cumsum((attention_mask != 0).long(), dim=1) + cached.sum(dim=1, keepdim=True)
+    return torch.cumsum(cached, dim=1) - 1, fed - 1
+
+
+def block_bias(attention_mask: torch.Tensor, cached_mask: torch.Tensor, block_length: int | torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention bias ``[B, 1, n, P + n]`` of block diffusion for the fed positions (padding mask
+    ``attention_mask`` ``[B, n]``) over the cached ones (``cached_mask`` ``[B, P]``) then themselves: 0 where the
+    key is a token whose block is not after the query's, the dtype's most negative value elsewhere. Blocks count
+    each row's tokens."""
+    cached, fed = block_positions(attention_mask, cached_mask)
+    keys = torch.cat([cached, fed], dim=1).div(block_length, rounding_mode="floor")
+    keep = torch.cat([cached_mask, attention_mask], dim=1) != 0
+    visible = (keys[:, None, :] <= fed.div(block_length, rounding_mode="floor")[:, :, None]) & keep[:, None, :]
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
         ~visible, torch.finfo(dtype).min)[:, None]
-
-
-def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position among its row's tokens (padding: 0), the rotary positions."""
-    return (torch.cumsum((attention_mask != 0).long(), dim=1) - 1).clamp(min=0)
 
 
 class _MLP(nn.Module):
@@ -212,17 +221,19 @@ class _Attention(nn.Module):
         r = self.rotary_dim
         return torch.cat([apply_rotary(t[..., :r], cos, sin, full_precision=False), t[..., r:]], dim=-1)
 
-    def forward(self, x, cos, sin, bias):
+    def forward(self, x, cos, sin, bias, past):
+        """The attention output and the fed tokens' post-RoPE keys and values ``[B, n_kv_heads, n, head_dim]``,
+        attending over ``past`` (keys/values ``[B, n_kv_heads, P, head_dim]``) then the fed tokens."""
         b, n, _ = x.shape
         qkv = self.query_key_value(x).view(b, n, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = self._rotate(q, cos, sin).transpose(1, 2), self._rotate(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
+        keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.dense(out.transpose(1, 2).reshape(b, n, -1))
+        out = F.scaled_dot_product_attention(q, repeat_heads(keys, rep), repeat_heads(values, rep), attn_mask=bias)
+        return self.dense(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
 
 
 class _Layer(nn.Module):
@@ -234,9 +245,10 @@ class _Layer(nn.Module):
         self.mlp = (_MLP(cfg.hidden_size, cfg.intermediate_size) if index < cfg.first_k_dense_replace
                     else _SparseMoE(cfg))
 
-    def forward(self, x, cos, sin, bias):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, bias, past):
+        att, present = self.attention(self.input_layernorm(x), cos, sin, bias, past)
+        x = x + att
+        return x + self.mlp(self.post_attention_layernorm(x)), present
 
 
 class _Backbone(nn.Module):
@@ -249,7 +261,7 @@ class _Backbone(nn.Module):
 
 class LLaDA2Model(MaskPredictor):
     """``(input_ids, attention_mask, positions, block_length) -> logits`` (official tensor names); the checkpoint IO
-    is :class:`MaskPredictor`'s. No ``cached_hidden_states`` yet: LLaDA2's exact block cache is still to come."""
+    is :class:`MaskPredictor`'s."""
 
     def __init__(self, cfg: LLaDA2Config):
         super().__init__()
@@ -260,21 +272,40 @@ class LLaDA2Model(MaskPredictor):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, *, block_length: int | torch.Tensor) -> torch.Tensor:
         """Logits ``[B, L, vocab]``, or ``[B, count, vocab]`` at ``positions`` ``[B, count]`` only."""
-        h = self.hidden_states(input_ids, attention_mask, block_length)
+        h = self.hidden_states(input_ids, attention_mask, block_length)[0]
         if positions is not None:
             h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
         return self.lm_head(h)
 
-    def hidden_states(self, input_ids, attention_mask, block_length):
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      block_length: int | torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      cached_mask: torch.Tensor | None = None):
+        """Final-norm hidden states ``[B, n, hidden]`` of the fed ``input_ids`` ``[B, n]`` and, per layer, their
+        post-RoPE keys and values ``[B, n_kv_heads, n, head_dim]``.
+
+        ``past`` holds per layer the keys/values ``[B, n_kv_heads, P, head_dim]`` of the ``P`` positions before the
+        fed ones (none by default): whole blocks, finished, so exact. ``attention_mask`` ``[B, n]`` and
+        ``cached_mask`` ``[B, P]`` say which fed and which cached positions are tokens (1) or padding (0); rotary
+        positions and blocks count each row's tokens over both.
+        """
+        b, n = input_ids.shape
+        x = self.model.word_embeddings(input_ids)
+        if past is None:
+            empty = x.new_zeros(b, self.config.num_key_value_heads, 0, self.config.head_dim)
+            past = [(empty, empty)] * len(self.model.layers)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        x = self.model.word_embeddings(input_ids)
-        cos, sin = rotary_at(token_positions(attention_mask), self.config.rotary_dim, self.config.rope_theta)
+        if cached_mask is None:
+            cached_mask = torch.ones(b, past[0][0].shape[2], dtype=torch.long, device=x.device)
+        positions = block_positions(attention_mask, cached_mask)[1].clamp(min=0)
+        cos, sin = rotary_at(positions, self.config.rotary_dim, self.config.rope_theta)
         cos, sin = cos[:, :, None], sin[:, :, None]  # over [B, n, heads, rotary_dim]
-        bias = block_bias(attention_mask, block_length, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, bias)
-        return self.model.norm(x)
+        bias = block_bias(attention_mask, cached_mask, block_length, x.dtype)
+        presents = []
+        for layer, layer_past in zip(self.model.layers, past):
+            x, present = layer(x, cos, sin, bias, layer_past)
+            presents.append(present)
+        return self.model.norm(x), presents
 
     def fuse_projections(self) -> "LLaDA2Model":
         """Stack every MoE layer's experts into the op's two weight tensors (for export); returns the model."""

@@ -157,10 +157,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     ``bias`` is additive over the ``P + n`` keys."""
     if past is None:
         rep = q.shape[1] // k.shape[1]
-        if rep != 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
+        return F.scaled_dot_product_attention(q, repeat_heads(k, rep), repeat_heads(v, rep), attn_mask=bias,
+                                              is_causal=False)
     return _attend_with_past(q, k, v, *past, bias)
+
+
+def repeat_heads(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """Keys or values ``[B, kv_heads, n, d]`` with each head repeated ``rep`` times in place (``[B, kv_heads * rep,
+    n, d]``, as ``repeat_interleave(rep, dim=1)``), for grouped-query attention. Written as expand + reshape: some
+    torch versions trace ``repeat_interleave`` with a data-dependent size, which ``torch.export`` then refuses."""
+    if rep == 1:
+        return t
+    b, heads, n, d = t.shape
+    return t[:, :, None].expand(b, heads, rep, n, d).reshape(b, heads * rep, n, d)
 
 
 def _attend_with_past(q, k, v, past_k, past_v, bias):

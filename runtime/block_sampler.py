@@ -2,8 +2,9 @@
 reference (``llada_onnx.models.block_sampler``, whose docstring gives the algorithm and its documented
 differences from the official code) given the same noise.
 
-Each step runs the canvas up to the current blocks' end and asks the graph for the current block's positions only;
-at temperature 0 the graph's ``top_ids``/``top_prob`` are the proposal, so no vocabulary-sized tensor reaches the
+Each step runs the current block against the cached keys/values of the finished ones (:mod:`.block_cache`; with
+``cache="none"``, the whole canvas up to the current blocks' end) and asks the graph for the current block's
+positions only; at temperature 0 the graph's ``top_ids``/``top_prob`` are the proposal, so no vocabulary-sized tensor reaches the
 host. Rows keep their own block grids (counted from each row's first token) and advance block by block together.
 
 Streaming: a block's tokens are final once the block is done (its last mask filled and its editing steps over):
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .block_cache import BlockCache
 from .block_settings import BlockSettings
 from .errors import InputError
 from .noise import Noise
@@ -93,6 +95,9 @@ def generate_block_ids(graph: GraphSession, prompt: np.ndarray, attention_mask: 
     schedule = s.schedule()
     finished = [False] * rows
     final_until = [width] * rows
+    cache = None
+    if s.cache == "block":
+        cache = BlockCache(graph, am, [layout.span(r, 0)[0] for r in range(rows)], b, pad_id)
     for j in range(layout.generations):
         active = [r for r in range(rows) if not finished[r] and layout.running(r, j)]
         if not active:
@@ -105,9 +110,12 @@ def generate_block_ids(graph: GraphSession, prompt: np.ndarray, attention_mask: 
             live = [r for r in active if not done[r]]
             if not live:
                 break
-            index = np.stack([np.arange(*spans[r]) for r in live])
             start = time.perf_counter()
-            out = graph.run(x[live, :end], am[live, :end], index, block_length=b, logits=s.temperature > 0)
+            if cache is None:
+                index = np.stack([np.arange(*spans[r]) for r in live])
+                out = graph.run(x[live, :end], am[live, :end], index, block_length=b, logits=s.temperature > 0)
+            else:  # every row of the block runs, so the cache keeps its rows until the next block
+                out = cache.step(x, active, j, logits=s.temperature > 0).rows([active.index(r) for r in live])
             seconds = time.perf_counter() - start
             x0, p = propose(out, s, noise)
             written = [np.zeros(0, dtype=np.int64)] * rows

@@ -1,6 +1,8 @@
 """The block-diffusion sampler's settings (LLaDA2): the official LLaDA2.0 ``generate()``'s arguments, names and
 defaults (but ``gen_length`` 128, the project's length everywhere; the official default is 2048), and LLaDA2.1's
-token editing (off by default). Declared once: the NumPy sampler (:mod:`.block_sampler`)
+token editing (off by default), and ``cache``: by default each step runs the current block against the cached
+keys/values of the finished ones (:mod:`.block_cache`, exact); ``"none"`` runs the whole prefix every step, as
+the official code does. Declared once: the NumPy sampler (:mod:`.block_sampler`)
 and the torch reference (``llada_onnx.models.block_sampler``) both take them.
 
 ``steps`` is per block and is first capped at ``gen_length // minimal_topk``; ``threshold`` commits every masked
@@ -17,6 +19,9 @@ from typing import Any
 from .errors import InputError
 
 
+CACHE_MODES = ("block", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSettings:
     gen_length: int = 128
@@ -30,6 +35,7 @@ class BlockSettings:
     top_p: float | None = None
     editing_threshold: float | None = None  # LLaDA2.1: replace committed tokens predicted otherwise above this
     max_post_steps: int = 0  # LLaDA2.1: editing steps after a block's last mask is filled
+    cache: str = "block"  # "block": finished blocks' keys/values cached (exact); "none": the official full prefix
 
     def __post_init__(self) -> None:
         for name in ("gen_length", "block_length", "steps", "minimal_topk"):
@@ -46,6 +52,8 @@ class BlockSettings:
             raise InputError(f"`top_p` must be in (0, 1], got {self.top_p}")
         if self.editing_threshold is not None and not 0 < self.editing_threshold <= 1:
             raise InputError(f"`editing_threshold` must be in (0, 1], got {self.editing_threshold}")
+        if self.cache not in CACHE_MODES:
+            raise InputError(f"unknown `cache` {self.cache!r} for block diffusion; use one of {', '.join(CACHE_MODES)}")
         if self.max_post_steps < 0 or (self.max_post_steps and self.editing_threshold is None):
             raise InputError("`max_post_steps` needs `editing_threshold` (post steps only edit)")
 

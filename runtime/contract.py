@@ -1,8 +1,9 @@
 """The graph contract: every graph an export holds, its inputs and outputs, and the model sizes the runtime needs.
 
 The exporter traces graphs with exactly these names and the runtime binds exactly these names; both import them
-from here. Changing a graph's inputs, outputs or meaning is a new :data:`FORMAT_VERSION`: the runtime refuses
-exports of another version with "re-export" rather than guessing from the names a graph happens to have.
+from here. Changing a graph's inputs, outputs or meaning is a new :data:`FORMAT_VERSION`, recorded as the kind's
+``since``: the runtime refuses an export holding a kind older than that (or made by a newer llada-onnx) with
+"re-export" rather than guessing from the names a graph happens to have; exports of unchanged kinds still load.
 
 Dimensions: ``batch``; ``length`` (the whole canvas, prompt + generation); ``count`` (the positions whose
 predictions are wanted: the sampler asks for the masked positions it can commit, so the vocabulary-sized head
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "llada_onnx.json"
 
 
@@ -33,6 +34,7 @@ class GraphKind:
 
     name: str  # the key in the manifest's "graphs"
     file: str
+    since: int  # the FORMAT_VERSION that last changed this kind: older exports holding it are refused
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     per_layer_inputs: tuple[Tensor, ...] = ()
@@ -63,7 +65,7 @@ SUMMARIES = (
 )
 
 FORWARD = GraphKind(
-    name="forward", file="model.onnx",
+    name="forward", file="model.onnx", since=2,
     meaning="the mask predictor over the whole canvas (bidirectional attention, padded keys masked)",
     inputs=(
         Tensor("input_ids", "int64", ("batch", "length"), "the canvas: prompt, committed and mask tokens"),
@@ -74,7 +76,7 @@ FORWARD = GraphKind(
 )
 
 KV_CACHE = GraphKind(
-    name="kv_cache", file="cache.onnx",
+    name="kv_cache", file="cache.onnx", since=2,
     meaning="block-wise KV caching (Fast-dLLM): with an empty past, the whole canvas fed is a refresh whose "
             "presents are the new cache; the current block (dual) or everything from it on (prefix) fed against "
             "a past of the whole canvas is a cached step, attending to the cache for every other position",
@@ -96,12 +98,22 @@ KV_CACHE = GraphKind(
 )
 
 BLOCK_FORWARD = GraphKind(
-    name="block_forward", file="model.onnx",
-    meaning="block diffusion (LLaDA2): the mask predictor over the canvas with block-causal attention (a token sees "
-            "its own block and the ones before it), blocks of block_length counted from each row's first token, "
-            "padded keys masked",
-    inputs=(*FORWARD.inputs, Tensor("block_length", "int64", (), "tokens per block")),
+    name="block_forward", file="model.onnx", since=3,
+    meaning="block diffusion (LLaDA2): the mask predictor with block-causal attention (a token sees its own block "
+            "and the ones before it; blocks of block_length counted from each row's first token, padded keys "
+            "masked). The fed tokens attend to the past, the keys/values of whole finished blocks before them "
+            "(exact: finished blocks never change), and to each other; an empty past and the whole canvas fed is "
+            "the full forward. The presents are the fed tokens' keys/values, the past of later calls",
+    inputs=(
+        Tensor("input_ids", "int64", ("batch", "fed"), "the fed tokens"),
+        Tensor("attention_mask", "int64", ("batch", "fed"), "1 = token, 0 = padding, of the fed tokens"),
+        Tensor("positions", "int64", ("batch", "count"), "which fed tokens to predict"),
+        Tensor("block_length", "int64", (), "tokens per block"),
+        Tensor("cached_mask", "int64", ("batch", "past"), "1 = token, 0 = padding, of the cached positions"),
+    ),
+    per_layer_inputs=KV_CACHE.per_layer_inputs,
     outputs=SUMMARIES,
+    per_layer_outputs=KV_CACHE.per_layer_outputs,
 )
 
 GRAPH_KINDS = {kind.name: kind for kind in (FORWARD, KV_CACHE, BLOCK_FORWARD)}

@@ -19,7 +19,7 @@ from .errors import NotAnExportError
 ID_FIELDS = ("mask_token_id", "eos_token_id", "eot_token_id", "bos_token_id", "pad_token_id")
 DTYPES = ("fp32", "fp16")
 FUSIONS = ("none", "ort")
-SAMPLERS = ("llada", "block_diffusion")  # sampler families of exports (block_diffusion: not driven yet)
+SAMPLERS = ("llada", "block_diffusion")  # sampler families of exports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,21 +82,22 @@ class Manifest:
         raw = fields.read_object(file, NotAnExportError, "re-export")
         err, where = NotAnExportError, str(file)
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        graphs = _object(raw, "graphs", where)
+        unknown = sorted(set(graphs) - set(GRAPH_KINDS))
+        if unknown or len(set(graphs) & set(MAIN_KINDS)) != 1:
+            raise NotAnExportError(f"{where}: graphs must name one main graph ({' or '.join(MAIN_KINDS)}) and only "
+                                   f"kinds of {', '.join(GRAPH_KINDS)}, got {sorted(graphs)}; re-export")
+        lowest = max(GRAPH_KINDS[kind].since for kind in graphs)
+        if isinstance(version, bool) or not isinstance(version, int) or not lowest <= version <= FORMAT_VERSION:
             raise NotAnExportError(
-                f"{file}: format_version {version!r} is not supported by this llada-onnx "
-                f"(expects {FORMAT_VERSION}); re-export the checkpoint with this version")
+                f"{file}: format_version {version!r} is not supported by this llada-onnx for its graphs "
+                f"(expects {lowest}..{FORMAT_VERSION}); re-export the checkpoint with this version")
         sizes = _object(raw, "sizes", where)
         sizes = ModelSizes(**{f.name: fields.integer(sizes, f.name, f"{where}: sizes", err)
                               for f in dataclasses.fields(ModelSizes)})
         special = _object(raw, "special_ids", where)
         ids = {k: fields.integer(special, k, f"{where}: special_ids", err, minimum=0, below=sizes.vocab_size)
                for k in ID_FIELDS}
-        graphs = _object(raw, "graphs", where)
-        unknown = sorted(set(graphs) - set(GRAPH_KINDS))
-        if unknown or len(set(graphs) & set(MAIN_KINDS)) != 1:
-            raise NotAnExportError(f"{where}: graphs must name one main graph ({' or '.join(MAIN_KINDS)}) and only "
-                                   f"kinds of {', '.join(GRAPH_KINDS)}, got {sorted(graphs)}; re-export")
         chat_template = raw.get("chat_template")
         if chat_template is not None:
             if not isinstance(chat_template, str):

@@ -26,6 +26,12 @@ class StepOutput:
     top_prob: np.ndarray  # float32 [batch, count]
     logits: np.ndarray | None  # float32 [batch, count, vocab], only when asked for
 
+    def rows(self, index: list[int]) -> "StepOutput":
+        """The outputs of the rows ``index`` (itself when that is every row, in order)."""
+        if index == list(range(len(self.top_ids))):
+            return self
+        return StepOutput(self.top_ids[index], self.top_prob[index], None if self.logits is None else self.logits[index])
+
 
 def open_session(path: Path, provider: _providers.ProviderSpec, *, device_id: int, threads: int | None,
                  session_options: ort.SessionOptions | None, allow_fallback: bool) -> tuple[ort.InferenceSession, str]:
@@ -102,19 +108,58 @@ class GraphSession:
         self.session, self.provider = open_session(manifest.graph_path, provider, device_id=device_id,
                                                    threads=threads, session_options=session_options,
                                                    allow_fallback=allow_fallback)
-        check_graph(self.session, GRAPH_KINDS[manifest.main_kind], manifest.sizes.n_layers, manifest.graph_path)
+        kind, n_layers = GRAPH_KINDS[manifest.main_kind], manifest.sizes.n_layers
+        check_graph(self.session, kind, n_layers, manifest.graph_path)
         check_moe_kernel(manifest, self.provider)
         self._device = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(self.provider)
         self._device_id = device_id
+        self._past, self._present = kind.layer_input_names(n_layers), kind.layer_output_names(n_layers)
+        past_type = next((i.type for i in self.session.get_inputs() if self._past and i.name == self._past[0]), "")
+        self.past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        self._empty: dict[int, list[Any]] = {}
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the session runs on CUDA (its past and presents are then device OrtValues)."""
+        return self._device == "cuda"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
             *, logits: bool = False, block_length: int | None = None) -> StepOutput:
-        """The main graph at ``positions``; a block-diffusion graph also takes ``block_length``."""
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
+        """The main graph at ``positions``; a block-diffusion graph also takes ``block_length`` (and an empty
+        past: the full forward)."""
         if block_length is not None:
-            feeds["block_length"] = np.array(block_length, dtype=np.int64)
-        cuda = self._device_id if self._device == "cuda" else None
-        return run_step(self.session, feeds, logits=logits, cuda_device=cuda)[0]
+            nothing = np.zeros((len(input_ids), 0), dtype=np.int64)
+            return self.run_block(input_ids, attention_mask, positions, block_length, nothing,
+                                  self.empty_past(len(input_ids)), logits=logits, presents=False)[0]
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
+        return run_step(self.session, feeds, logits=logits, cuda_device=self._cuda)[0]
+
+    def run_block(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
+                  block_length: int, cached_mask: np.ndarray, past: list[Any], *, logits: bool,
+                  presents: bool = True) -> tuple[StepOutput, list[Any]]:
+        """A ``block_forward`` call: the fed ``input_ids`` (``attention_mask``: their padding) against ``past``
+        (per layer keys then values: numpy arrays, OrtValues on CUDA; ``cached_mask``: its padding); returns the
+        predictions at ``positions`` and, with ``presents``, the fed tokens' keys/values in the same form."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions,
+                 "block_length": np.array(block_length, dtype=np.int64), "cached_mask": cached_mask}
+        return run_step(self.session, feeds, logits=logits, cuda_device=self._cuda,
+                        kept_inputs=dict(zip(self._past, past)), kept_outputs=self._present if presents else ())
+
+    def empty_past(self, batch: int) -> list[Any]:
+        """Per layer, keys and values of no position: the past of a full forward."""
+        if batch not in self._empty:
+            sizes = self.manifest.sizes
+            empty = np.zeros((batch, sizes.n_kv_heads, 0, sizes.head_dim), dtype=self.past_dtype)
+            self._empty = {batch: [self.to_device(empty)] * len(self._past)}
+        return self._empty[batch]
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """``array`` where the session's past lives: as it is, or a CUDA OrtValue."""
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id) if self.on_cuda else array
+
+    @property
+    def _cuda(self) -> int | None:
+        return self._device_id if self.on_cuda else None
 
 
 def check_graph(session: ort.InferenceSession, kind: GraphKind, n_layers: int, path: Path) -> None:

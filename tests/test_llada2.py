@@ -59,7 +59,7 @@ def test_routing_on_a_hand_checked_example():
 
 
 def test_block_diffusion_mask_counts_each_rows_own_tokens():
-    bias = block_bias(torch.tensor([[0, 1, 1, 1, 1]]), block_length=2, dtype=torch.float32)[0, 0]
+    bias = block_bias(torch.tensor([[0, 1, 1, 1, 1]]), torch.zeros(1, 0), block_length=2, dtype=torch.float32)[0, 0]
     seen = (bias == 0).int().tolist()
     # tokens at 1..4 are blocks 0, 0, 1, 1; the pad (column 0) is never seen (and, as a query, sees nothing)
     assert seen == [[0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
@@ -71,6 +71,17 @@ def test_a_left_padded_row_computes_what_it_computes_alone(llada2):
     padded = llada2(torch.cat([torch.full((1, 3), EOS), ids], dim=1), torch.tensor([[0] * 3 + [1] * 13]),
                     block_length=4)
     torch.testing.assert_close(padded[:, 3:], alone, atol=1e-4, rtol=0)  # float sums over more keys
+
+
+def test_finished_blocks_cached_give_the_full_forward(llada2):
+    """The exact block cache in torch: the keys/values of whole finished blocks as a past, the rest fed."""
+    mask = torch.tensor([[0, 0, 0] + [1] * 13])  # a padded row: its blocks of 4 start at canvas 3
+    ids = torch.randint(0, 1000, mask.shape)
+    full = llada2.hidden_states(ids, mask, 4)[0]
+    h, past = llada2.hidden_states(ids[:, :11], mask[:, :11], 4)  # the pads and two blocks
+    cached, _ = llada2.hidden_states(ids[:, 11:], mask[:, 11:], 4, past, mask[:, :11])
+    torch.testing.assert_close(cached, full[:, 11:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(h[:, 3:], full[:, 3:11], atol=1e-5, rtol=0)  # a pad's own output is noise
 
 
 def test_blocks_are_causal(llada2):
@@ -261,18 +272,20 @@ def llada2_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("form", ["fused", "decomposed"])
 def test_export_takes_the_block_length_as_an_input(tmp_path, llada2_ckpt, form):
     """One export serves every block size: the graph's logits match torch's at block lengths 4 and 16, on a batch with
-    a left-padded row; the export validates (fp32 against torch); Pipeline.forward_logits takes the block length."""
+    a left-padded row; the export validates (fp32 against torch, the full forward and the block cache);
+    Pipeline.forward_logits takes the block length."""
     import json
 
     import numpy as np
     import onnxruntime as ort
 
     from llada_onnx.export import export
-    from llada_onnx.runtime import Pipeline
+    from llada_onnx.runtime import NotAnExportError, Pipeline
 
     out = tmp_path / form
     report = export(llada2_ckpt, out, moe=form, progress=False).validation
     assert report["finite"] and report["top_ids_decisive_disagreements"] == 0
+    assert report["block_cache"]["cached_max_abs_diff"] < report["block_cache"]["tolerance"]
     manifest = json.loads((out / "llada_onnx.json").read_text())
     assert manifest["graphs"] == {"block_forward": "model.onnx"} and manifest["sampler"] == "block_diffusion"
     assert manifest["special_ids"]["mask_token_id"] == MASK
@@ -282,14 +295,22 @@ def test_export_takes_the_block_length_as_an_input(tmp_path, llada2_ckpt, form):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     positions = torch.arange(21).expand(2, 21).contiguous()
+    empty = np.zeros((2, model.config.num_key_value_heads, 0, model.config.head_dim), dtype=np.float32)
+    past = {i.name: empty for i in session.get_inputs() if i.name.startswith("past_")}
+    past["cached_mask"] = np.zeros((2, 0), dtype=np.int64)
     for block in (4, 16):
         got = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
                                        "positions": positions.numpy(),
-                                       "block_length": np.array(block, dtype=np.int64)})[0]
+                                       "block_length": np.array(block, dtype=np.int64), **past})[0]
         with torch.no_grad():
             want = model(ids, mask, positions, block_length=block).numpy()
         np.testing.assert_allclose(got[mask.bool().numpy()], want[mask.bool().numpy()], atol=1e-4 * float(
             np.abs(want).std()) + 1e-5, rtol=0)
+    older = json.dumps(dict(manifest, format_version=2))  # block_forward took no past before format 3
+    (out / "llada_onnx.json").write_text(older)
+    with pytest.raises(NotAnExportError, match=r"format_version 2 is not supported .* \(expects 3..3\); re-export"):
+        Pipeline.from_pretrained(out)
+    (out / "llada_onnx.json").write_text(json.dumps(manifest))
     pipe = Pipeline.from_pretrained(out)
     np.testing.assert_allclose(pipe.forward_logits(ids.numpy(), mask.numpy(), block_length=4)[mask.bool().numpy()],
                                model(ids, mask, block_length=4).detach().numpy()[mask.bool().numpy()], atol=1e-4)
@@ -314,8 +335,9 @@ GRID = [dict(block_length=8, steps=8, threshold=0.95), dict(block_length=8, step
 
 @pytest.mark.parametrize("options", GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2_ckpt, options):
-    """The NumPy sampler on the export against the torch reference on the checkpoint: same canvases, token for
-    token, on a left-padded batch whose prompts do and do not divide the block (seeded noise at temperature > 0)."""
+    """The NumPy sampler on the export, with the exact block cache and without, against the torch reference on the
+    checkpoint: same canvases, token for token, on a left-padded batch whose prompts do and do not divide the block
+    (so the rows' blocks start at different canvas positions; seeded noise at temperature > 0)."""
     import numpy as np
 
     from llada_onnx.runtime.noise import Noise
@@ -327,11 +349,29 @@ def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2
     ids = np.stack([np.concatenate([np.full(width - len(r), EOS), r]) for r in rows])
     mask = np.stack([np.concatenate([np.zeros(width - len(r)), np.ones(len(r))]) for r in rows]).astype(np.int64)
     s = BlockSettings(gen_length=32, **options)
-    got = llada2_pipe.generate_ids(ids, mask, seed=7, **dataclasses.asdict(s))
     want = generate(model, torch.from_numpy(ids), torch.from_numpy(mask), settings=s, mask_id=MASK, eos_id=EOS,
                     pad_id=EOS, noise=Noise.of(None, 7)).numpy()
-    np.testing.assert_array_equal(got, want)
+    for cache in ("block", "none"):
+        got = llada2_pipe.generate_ids(ids, mask, seed=7, **dataclasses.asdict(dataclasses.replace(s, cache=cache)))
+        np.testing.assert_array_equal(got, want, err_msg=f"cache={cache}")
 
+
+
+def test_cached_steps_feed_one_block(llada2_pipe, monkeypatch):
+    """With the block cache a step runs the current block only; a block's first step also feeds the block finished
+    before it (appended to the cache), the first block's the prompt before it."""
+    import numpy as np
+
+    graph = llada2_pipe.graph
+    fed, run_block = [], graph.run_block
+    monkeypatch.setattr(graph, "run_block", lambda ids, mask, pos, b, cached, *a, **k: fed.append(
+        (ids.shape[1], cached.shape[1])) or run_block(ids, mask, pos, b, cached, *a, **k))
+    llada2_pipe.generate_ids(np.arange(1, 12)[None], gen_length=24, block_length=8, steps=4, threshold=1.0)
+    # prompt 11 = one whole block + 3, so blocks [8, 16) (5 masks: 3 steps of 2), then [16, 24), [24, 32), [32, 40)
+    # (the canvas ends on a block boundary: 4 steps each)
+    # (fed, cached) per call
+    assert fed == [(16, 0), (8, 8), (8, 8), *[(16, 8), (8, 16), (8, 16), (8, 16)],
+                   *[(16, 16), (8, 24), (8, 24), (8, 24)], *[(16, 24), (8, 32), (8, 32), (8, 32)]]
 
 
 def test_a_canvas_beyond_the_model_is_refused(llada2_pipe):

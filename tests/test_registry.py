@@ -77,7 +77,7 @@ def test_a_new_architecture_is_one_module_and_one_registry_entry(tmp_path, echo)
     write_tiny_tokenizer_files(ckpt, model.config, chat_template=LLADA_CHAT_TEMPLATE)
     assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["EchoLLaDAModelLM"]
 
-    with pytest.raises(ExportError, match="EchoLLaDAModelLM has no KV-cache graph"):
+    with pytest.raises(ExportError, match="--cache does not apply to EchoLLaDAModelLM: it has no KV-cache graph"):
         export(ckpt, tmp_path / "cached", cache=True, progress=False)
     out = tmp_path / "onnx"
     export(ckpt, out, progress=False)  # validated against EchoModel, doubled logits and all
