@@ -19,14 +19,12 @@ Engines alternate round by round; medians of ``--reps`` after ``--warmup`` calls
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .harness import machine, model_checkpoint
+from .harness import machine, model_checkpoint, time_engines
 from .report import pyplot, save_report, table
 
 PROMPT, BLOCK = 64, 32
@@ -82,27 +80,9 @@ def measure(torch_side: dict, runtime_side: dict, *, vocab: int, mask_id: int, b
 
         inputs["torch"] = tuple(torch.from_numpy(a).to(device) for a in (ids, mask, block))
     inputs["runtime"] = (ids, mask, block)
-    engines = {**{n: (f, "torch") for n, f in torch_side.items()},
-               **{n: (f, "runtime") for n, f in runtime_side.items()}}
-    times: dict[str, list[float]] = {n: [] for n in engines}
-    errors: dict[str, str] = {}
-    for name, (fn, side) in engines.items():
-        start = time.perf_counter()
-        try:
-            for _ in range(warmup):
-                fn(*inputs[side])
-        except Exception as exc:  # a compile mode that cannot handle the model is a result, not a crash
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        print(f"[bench] {name}: warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    for _ in range(reps):
-        for name, (fn, side) in engines.items():
-            if name in errors:
-                continue
-            start = time.perf_counter()
-            fn(*inputs[side])
-            times[name].append(time.perf_counter() - start)
-    return {name: ({"error": errors[name]} if name in errors else {"ms": 1000 * statistics.median(times[name])})
-            for name in engines}
+    engines = {**{n: (lambda f=f: f(*inputs["torch"])) for n, f in torch_side.items()},
+               **{n: (lambda f=f: f(*inputs["runtime"])) for n, f in runtime_side.items()}}
+    return time_engines(engines, warmup=warmup, reps=reps)
 
 
 def markdown(report: dict) -> str:

@@ -46,7 +46,7 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
     import torch
 
     from llada_onnx.models import LLaDAConfig, make_tiny_checkpoint
-    from llada_onnx.models.tiny import make_tiny_moe_checkpoint
+    from llada_onnx.models.tiny import make_tiny_llada2_checkpoint, make_tiny_moe_checkpoint
     from llada_onnx.runtime import default_checkpoint_dir
 
     if name == "default":
@@ -59,6 +59,16 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
             c = LLaDAConfig.from_dict(json.loads(Path(config).read_text()))
             shape = dict(d_model=c.d_model, n_layers=n_layers or c.n_layers, n_heads=c.n_heads,
                          n_kv_heads=c.n_kv_heads, mlp_hidden_size=c.mlp_hidden_size, vocab_size=c.vocab_size)
+        elif name == "llada2":  # random weights in a config.json's shape (the real mini: 16.25B, bf16 as it ships)
+            if not config:
+                raise SystemExit("--models llada2 needs --config (e.g. bench/configs/llada2-mini.json)")
+            raw = json.loads(Path(config).read_text())
+            raw["num_hidden_layers"] = n_layers or raw["num_hidden_layers"]
+            print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
+            gpu = torch.cuda.is_available()
+            make_tiny_llada2_checkpoint(ckpt, config=raw, max_shard_bytes=5 << 30,
+                                        dtype=torch.bfloat16 if gpu else torch.float32, device="cuda" if gpu else "cpu")
+            return ckpt
         elif name in MOE_PRESETS:
             print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
             full = name == "moe-7b"
@@ -69,7 +79,7 @@ def model_checkpoint(name: str, work: Path, config: str | None = None, n_layers:
         elif name in PRESETS:
             shape = PRESETS[name]
         else:
-            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, moe-2l, moe-7b, 8b or default")
+            raise SystemExit(f"unknown model {name!r}: use tiny, 100m, moe-2l, moe-7b, 8b, llada2 or default")
         print(f"[bench] writing the {name} checkpoint to {ckpt}", file=sys.stderr)
         # the 8B shape in bf16 as LLaDA ships (16 GB instead of 32: with its exports it fits a 64 GB disk)
         dtype = torch.bfloat16 if name == "8b" else torch.float32
@@ -98,6 +108,30 @@ def prepare_model(name: str, work: Path, provider: str, config: str | None, fusi
     label = name if n_layers is None else f"{name} ({n_layers} layers)"
     architecture, cfg = read_checkpoint_config(ckpt)
     return Model(label, ckpt, onnx, architecture.parameter_count(cfg))
+
+
+def time_engines(engines: dict, *, warmup: int, reps: int) -> dict:
+    """``{name: {"ms": median}}`` of zero-argument calls, alternating engine by engine each round (shared, noisy
+    machines: every engine sees the same conditions); an engine that raises during warm-up (a torch.compile mode
+    that cannot handle the model) is reported with its error instead."""
+    times: dict[str, list[float]] = {n: [] for n in engines}
+    errors: dict[str, str] = {}
+    for name, fn in engines.items():
+        start = time.perf_counter()
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        print(f"[bench] {name}: warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    for _ in range(reps):
+        for name, fn in engines.items():
+            if name not in errors:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: ({"error": errors[name]} if name in errors else {"ms": 1000 * statistics.median(times[name])})
+            for name in engines}
 
 
 def export_bytes(onnx: Path) -> int:
