@@ -204,29 +204,32 @@ def write_tiny_moe_tokenizer_files(out: str | Path, *, chat_template: str | None
 def make_tiny_llada2_model(*, n_layers: int = 3, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
                            head_dim: int = 16, num_experts: int = 16, experts_per_token: int = 4, n_group: int = 4,
                            topk_group: int = 2, expert_size: int = 32, dense_size: int = 96,
-                           logit_std: float = 4.0, seed: int = 0):
+                           logit_std: float = 4.0, seed: int = 0, config: dict | None = None, device: str = "cpu"):
     """A random, decisive LLaDA2 model (:mod:`.llada2`) in the real layout: real vocabulary and ids, the first layer
-    dense, a shared expert, grouped routing with a non-zero expert bias (so selection and mixing differ)."""
+    dense, a shared expert, grouped routing with a non-zero expert bias (so selection and mixing differ).
+    ``config``: a ``config.json``'s fields instead of the tiny sizes (the real mini shape for benchmarks; drawn
+    on ``device``)."""
     from .llada2 import LLaDA2Config, LLaDA2Model
 
-    cfg = LLaDA2Config(hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                       num_key_value_heads=n_kv_heads, head_dim=head_dim, vocab_size=MOE_VOCAB,
-                       intermediate_size=dense_size, moe_intermediate_size=expert_size, num_experts=num_experts,
-                       num_experts_per_tok=experts_per_token, n_group=n_group, topk_group=topk_group,
-                       max_position_embeddings=4096)
+    cfg = LLaDA2Config.from_dict(config) if config is not None else LLaDA2Config(
+        hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        head_dim=head_dim, vocab_size=MOE_VOCAB, intermediate_size=dense_size, moe_intermediate_size=expert_size,
+        num_experts=num_experts, num_experts_per_tok=experts_per_token, n_group=n_group, topk_group=topk_group,
+        max_position_embeddings=4096)
     with torch.device("meta"):
         model = LLaDA2Model(cfg)
-    return _draw_decisive(model, d_model=d_model, logit_std=logit_std, seed=seed)
+    return _draw_decisive(model, d_model=cfg.hidden_size, logit_std=logit_std, seed=seed, device=device)
 
 
-def make_tiny_llada2_checkpoint(out_dir: str | Path, **model_kwargs) -> Path:
+def make_tiny_llada2_checkpoint(out_dir: str | Path, *, max_shard_bytes: int | None = None,
+                                dtype: torch.dtype = torch.float32, **model_kwargs) -> Path:
     """A tiny LLaDA2 checkpoint in the hub layout: config.json states the pad id only (the mask and EOS ids are the
     architecture's defaults, as for the real one), and the tiny LLaDA-MoE tokenizer (the same vocabulary family)."""
     import json
 
     out = Path(out_dir)
-    model = make_tiny_llada2_model(**model_kwargs)
-    model.save_pretrained(out)
+    model = make_tiny_llada2_model(**model_kwargs).to(dtype=dtype, device="cpu")
+    model.save_pretrained(out, max_shard_bytes=max_shard_bytes)
     config = json.loads((out / "config.json").read_text())
     for name in ("mask_token_id", "eos_token_id"):
         config.pop(name)
