@@ -54,3 +54,30 @@ def test_step_floor_smoke(tmp_path):
     assert all(result[key] > 0 for key in ("full_forward_ms", "step_products_ms", "dual_step_ms"))
     assert "| step: matrix products only |" in (out / "report.md").read_text()
     assert (out / "step_floor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_block_step_smoke(tmp_path):
+    """LLaDA2's block step bench on a small config in the mini layout: the cached step and the full forward for
+    torch and the runtime, and the tokens/s columns (the measured rate included)."""
+    from bench.block_step import main as block_step_main
+    from bench.harness import model_checkpoint
+
+    from llada_onnx.export import export
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "bench/configs/llada2-mini.json").read_text())
+    config.update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=16, n_group=4,
+                  topk_group=2, num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_hidden_layers=2)
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    work, out = tmp_path / "work", tmp_path / "step"
+    onnx = tmp_path / "onnx"
+    export(model_checkpoint("llada2", work, str(tmp_path / "small.json")), onnx, progress=False)
+    assert block_step_main(["--config", str(tmp_path / "small.json"), "--work", str(work), "--export", str(onnx),
+                            "--provider", "cpu", "--batches", "1", "--compile", "", "--gen", "64", "--warmup", "1",
+                            "--reps", "2", "--measure-rate", str(onnx), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (result,) = report["results"].values()
+    assert {"torch float32 eager step", "torch float32 eager forward", "llada-onnx exact fp32 (onnx) step",
+            "llada-onnx exact fp32 (onnx) forward"} == set(result)
+    assert all(r["ms"] > 0 for r in result.values()) and report["tokens_per_step"][0] >= 1
+    assert "| 1 | llada-onnx exact fp32 (onnx) |" in (out / "report.md").read_text()
