@@ -7,7 +7,9 @@ Two checks, on the user's prompts (or built-in ones) as one left-padded batch:
    absolute error, top-1 agreement overall and on *decisive* positions (torch's top-2 margin above twice the
    tolerance, the export validation's rule).
 2. **Sampler**: the torch reference sampler and the runtime side by side over a grid of settings (``quick``: 4;
-   ``full``: the grid the test suite uses), the same seed feeding both.
+   ``full``: the grid the test suite uses), the same seed feeding both. A block-diffusion export (LLaDA2) is
+   compared with the torch block sampler over its own settings (:data:`BLOCK_GRIDS`), its logits at blocks of
+   :data:`LOGITS_BLOCK_LENGTH`.
 
 A float32 export of float weights must be exact: logits within 1e-4 of the logit scale, top-1 identical on
 decisive positions, every grid case token-exact. An fp16 or quantized export changes the function on purpose, so
@@ -31,8 +33,11 @@ import torch
 
 from ..models.checkpoint import load_model
 from ..models.registry import read_checkpoint_config
+from ..models.block_sampler import generate as block_generate
 from ..models.sampler import generate
+from ..runtime.block_settings import BlockSettings
 from ..runtime.manifest import Manifest
+from ..runtime.noise import Noise
 from ..runtime.pipeline import Pipeline
 from ..runtime.text import TextCodec
 from .validate import FP16_MIN_AGREEMENT, FP32_RELATIVE_TOLERANCE
@@ -52,6 +57,19 @@ GRIDS = {
     "full": tuple([dict(zip(("gen_length", "block_length", "steps"), shape)) for shape in SHAPES]
                   + [dict(gen_length=8, block_length=4, steps=8, **o) for o in OPTIONS]),
 }
+# Block diffusion (LLaDA2): BlockSettings over two to four blocks; thresholds, editing, sampling; the cache off too.
+BLOCK_GRIDS = {
+    "quick": (dict(gen_length=16, block_length=8, steps=8), dict(gen_length=16, block_length=4, steps=4, threshold=0.5),
+              dict(gen_length=16, block_length=8, steps=8, editing_threshold=0.5, max_post_steps=2),
+              dict(gen_length=16, block_length=8, steps=8, temperature=1.0, top_k=50)),
+    "full": tuple(dict(gen_length=16, **o) for o in (
+        dict(block_length=8, steps=8), dict(block_length=8, steps=4, threshold=0.5),
+        dict(block_length=4, steps=4, threshold=1.0), dict(block_length=16, steps=8, eos_early_stop=True),
+        dict(block_length=8, steps=8, threshold=0.9, editing_threshold=0.5, max_post_steps=3),
+        dict(block_length=8, steps=8, temperature=1.0, top_k=50, top_p=0.9), dict(block_length=8, steps=8,
+                                                                                  cache="none"))),
+}
+LOGITS_BLOCK_LENGTH = 4  # the block length of the logits check of a block-diffusion export: causal across blocks
 SEED = 3
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Masked-token loss of an approximate export against torch's: the most it may rise, relative.
@@ -83,7 +101,9 @@ def verify(checkpoint_dir: str | Path, export_dir: str | Path, *, prompts: list[
     codec = TextCodec.from_export(manifest)
     ids, mask = with_padded_row(*codec.encode_batch(list(prompts or PROMPTS), chat=False),
                                 pad_id=manifest.id("pad_token_id"))
-    cases = [Case(dict(settings)) for settings in GRIDS[grid]]
+    block = manifest.sampler == "block_diffusion"
+    options = {"block_length": LOGITS_BLOCK_LENGTH} if block else {"always_mask": True}
+    cases = [Case(dict(settings)) for settings in (BLOCK_GRIDS if block else GRIDS)[grid]]
     dtype = TORCH_DTYPES[torch_dtype]
     model_gb = architecture.parameter_count(cfg) * torch.finfo(dtype).bits / 8 / 1e9
     export_gb = sum(p.stat().st_size for p in Path(export_dir).glob("*.data")) / 1e9
@@ -93,27 +113,27 @@ def verify(checkpoint_dir: str | Path, export_dir: str | Path, *, prompts: list[
     model = load_model(checkpoint_dir, dtype=dtype, device=device)
     with torch.no_grad():
         reference = model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
-                          always_mask=True).float().cpu().numpy()
+                          **options).float().cpu().numpy()
         # the loss check of an approximate export: torch's logits at fixed masks (not needed for an exact one)
         masked_inputs = [] if exact else _masked_inputs(ids, mask, manifest.id("mask_token_id"))
         reference_masked = [model(torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device),
-                                  always_mask=True).float().cpu().numpy() for x, _ in masked_inputs]
+                                  **options).float().cpu().numpy() for x, _ in masked_inputs]
     for i, case in enumerate(cases):
         start = time.perf_counter()
-        case.torch_ids = generate(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
-                                  seed=SEED, **case.settings).cpu().numpy()
+        case.torch_ids = _reference_ids(model, ids, mask, case.settings, manifest, device, block)
         say(f"[torch {i + 1}/{len(cases)}] {case.name} ({time.perf_counter() - start:.1f} s)")
     del model
     gc.collect()
 
     pipe = Pipeline.from_pretrained(export_dir, provider=provider, threads=threads)
-    logits = pipe.forward_logits(ids, mask)
+    block_length = options.get("block_length")
+    logits = pipe.forward_logits(ids, mask, block_length=block_length)
     report = {"checkpoint": str(checkpoint_dir), "export": str(export_dir), "provider": pipe.provider,
               "torch": f"{torch_dtype} on {device}",
               "dtype": manifest.dtype, "variant": manifest.variant, "exact": exact, "grid": grid,
               "prompts": list(prompts or PROMPTS), "logits": _compare_logits(reference, logits, mask, exact)}
     if not exact:
-        runtime_masked = [pipe.forward_logits(x, mask) for x, _ in masked_inputs]
+        runtime_masked = [pipe.forward_logits(x, mask, block_length=block_length) for x, _ in masked_inputs]
         report["loss"] = _compare_loss(reference_masked, runtime_masked, ids, [m for _, m in masked_inputs],
                                        manifest)
     for i, case in enumerate(cases):
@@ -126,6 +146,17 @@ def verify(checkpoint_dir: str | Path, export_dir: str | Path, *, prompts: list[
     report["first_failure"] = _first_failure(report)
     report["passed"] = report["first_failure"] is None
     return report
+
+
+def _reference_ids(model, ids: np.ndarray, mask: np.ndarray, settings: dict[str, Any], manifest: Manifest,
+                   device: str, block: bool) -> np.ndarray:
+    """The torch reference sampler's canvas for one grid case (the block sampler for a block-diffusion export)."""
+    t_ids, t_mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+    if not block:
+        return generate(model, t_ids, t_mask, seed=SEED, **settings).cpu().numpy()
+    return block_generate(model, t_ids, t_mask, settings=BlockSettings.of(settings),
+                          mask_id=manifest.id("mask_token_id"), eos_id=manifest.id("eos_token_id"),
+                          pad_id=manifest.id("pad_token_id"), noise=Noise.of(None, SEED)).cpu().numpy()
 
 
 def with_padded_row(ids: np.ndarray, mask: np.ndarray, *, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -374,6 +374,17 @@ def test_cached_steps_feed_one_block(llada2_pipe, monkeypatch):
                    *[(16, 16), (8, 24), (8, 24), (8, 24)], *[(16, 24), (8, 32), (8, 32), (8, 32)]]
 
 
+def test_verify_compares_with_the_block_sampler(llada2_pipe, llada2_ckpt):
+    """``llada-onnx verify`` on a LLaDA2 export: logits at blocks of 4 and the torch block sampler over its full grid
+    (the cache off among them), token-exact for an fp32 export."""
+    from llada_onnx.export.verify import BLOCK_GRIDS, verify
+
+    report = verify(llada2_ckpt, llada2_pipe.manifest.directory, grid="full")
+    assert report["passed"], report["first_failure"]
+    assert [case["settings"] for case in report["cases"]] == list(BLOCK_GRIDS["full"])
+    assert all(case["token_exact"] for case in report["cases"]) and report["logits"]["decisive_positions"] > 0
+
+
 def test_a_canvas_beyond_the_model_is_refused(llada2_pipe):
     from llada_onnx.runtime import InputError
 
