@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import machine, model_checkpoint, time_engines
-from .report import pyplot, save_report, table
+from .report import ms_chart, save_report, table
 
 BLOCK = 32
 
@@ -130,21 +130,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    labels, values = [], []
-    for batch, result in report["results"].items():
-        for name, r in result.items():
-            if "ms" in r:
-                labels.append(f"b{batch} {name}")
-                values.append(r["ms"])
-    ax.barh(labels[::-1], values[::-1])
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per call")
-    return fig
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.block_step", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="bench/configs/llada2-mini.json", help="the LLaDA2 config.json to draw")
@@ -188,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": f"LLaDA2 {Path(a.config).stem} ({architecture.parameter_count(cfg) / 1e9:.2f}B parameters, "
                        f"{cfg.num_hidden_layers} layers)", "device": a.provider, "length": a.prompt + a.gen,
               "reps": a.reps, "tokens_per_step": rates, "machine": machine(), "results": results}
-    save_report(Path(a.out), report, markdown(report), chart, "block-step.png")
+    save_report(Path(a.out), report, markdown(report), lambda r: ms_chart(r, "ms per call", log=True),
+                "block-step.png")
     print(markdown(report))
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import machine, model_checkpoint, time_engines
-from .report import pyplot, save_report, table
+from .report import ms_chart, save_report, table
 
 PROMPT, BLOCK = 64, 32
 
@@ -104,20 +104,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    labels, values = [], []
-    for batch, result in report["results"].items():
-        for name, r in result.items():
-            if "ms" in r:
-                labels.append(f"b{batch} {name}")
-                values.append(r["ms"])
-    ax.barh(labels[::-1], values[::-1])
-    ax.set_xlabel("ms per forward")
-    return fig
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.forward", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="moe-7b", help="benchmark model name (see bench.harness) for torch's side")
@@ -149,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                for b in (int(x) for x in a.batches.split(","))}
     report = {"model": f"{a.models} ({architecture.parameter_count(cfg) / 1e6:,.0f}M parameters)",
               "device": a.provider, "length": a.length, "reps": a.reps, "machine": machine(), "results": results}
-    save_report(Path(a.out), report, markdown(report), chart, "forward.png")
+    save_report(Path(a.out), report, markdown(report), lambda r: ms_chart(r, "ms per forward"), "forward.png")
     print(markdown(report))
     return 0
 

@@ -22,6 +22,24 @@ def table(headers: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(map(str, cells)) + " |" for cells in (headers, ["---"] * len(headers), *rows)]
 
 
+def ms_chart(report: dict, xlabel: str, *, log: bool = False):
+    """One horizontal bar per batch and engine of ``report["results"]`` (``{batch: {engine: {"ms": ...}}}``) that
+    ran: its median time."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    labels, values = [], []
+    for batch, result in report["results"].items():
+        for name, r in result.items():
+            if "ms" in r:
+                labels.append(f"b{batch} {name}")
+                values.append(r["ms"])
+    ax.barh(labels[::-1], values[::-1])
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    return fig
+
+
 def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict], Any], png: str) -> None:
     """Write the three files; ``chart(report)`` returns the matplotlib figure to save as ``png``."""
     out.mkdir(parents=True, exist_ok=True)
