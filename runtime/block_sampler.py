@@ -4,8 +4,9 @@ differences from the official code) given the same noise.
 
 Each step runs the current block against the cached keys/values of the finished ones (:mod:`.block_cache`; with
 ``cache="none"``, the whole canvas up to the current blocks' end) and asks the graph for the current block's
-positions only; at temperature 0 the graph's ``top_ids``/``top_prob`` are the proposal, so no vocabulary-sized tensor reaches the
-host. Rows keep their own block grids (counted from each row's first token) and advance block by block together.
+positions only; at temperature 0 the graph's ``top_ids``/``top_prob`` are the proposal, so no vocabulary-sized
+tensor reaches the host. Rows keep their own block grids (counted from each row's first token) and advance block
+by block together.
 
 Streaming: a block's tokens are final once the block is done (its last mask filled and its editing steps over):
 each :class:`BlockStepInfo` says, per row, up to which canvas position the tokens are final.

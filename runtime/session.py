@@ -30,7 +30,8 @@ class StepOutput:
         """The outputs of the rows ``index`` (itself when that is every row, in order)."""
         if index == list(range(len(self.top_ids))):
             return self
-        return StepOutput(self.top_ids[index], self.top_prob[index], None if self.logits is None else self.logits[index])
+        logits = None if self.logits is None else self.logits[index]
+        return StepOutput(self.top_ids[index], self.top_prob[index], logits)
 
 
 def open_session(path: Path, provider: _providers.ProviderSpec, *, device_id: int, threads: int | None,
