@@ -239,6 +239,9 @@ def _settings(args, pipe=None):
         return SamplerSettings.of({field.name: getattr(args, field.name) for field in knobs()})
     defaults = {f.name: f.metadata.get("text_default", f.default) for f in knobs()}
     other = [f.name for f in knobs() if f.name not in SHARED and getattr(args, f.name) != defaults[f.name]]
+    if other[:1] == ["cache"]:
+        raise InputError("`cache` prefix/dual are LLaDA's approximate caches; this export (LLaDA2) always decodes "
+                         "with its exact block cache (Python API: cache=\"none\" turns it off)")
     if other:
         raise InputError(f"`{other[0]}` is not a setting of the block-diffusion sampler this export (LLaDA2) runs")
     values = {name: getattr(args, name) for name in SHARED + BLOCK_ONLY}

@@ -428,7 +428,8 @@ def test_command_line_export_int4_and_chat(tmp_path, llada2_ckpt, llada2_pipe):
     assert res.returncode == 0 and res.stdout.count("llada>") == 1, res.stderr
     model = str(llada2_pipe.manifest.directory)
     for flags, message in ((["--cfg-scale", "1"], "--cfg-scale is not a setting of the block-diffusion sampler"),
-                           (["--cache", "dual"], "--cache is not a setting of the block-diffusion sampler")):
+                           (["--cache", "dual"], "--cache prefix/dual are LLaDA's approximate caches; this export (LLaDA2) "
+                                                 "always decodes with its exact block cache")):
         res = subprocess.run([cli, "generate", "--model", model, "--prompt", "x", *flags], capture_output=True,
                              text=True, timeout=300)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
