@@ -316,6 +316,21 @@ def test_export_takes_the_block_length_as_an_input(tmp_path, llada2_ckpt, form):
                                model(ids, mask, block_length=4).detach().numpy()[mask.bool().numpy()], atol=1e-4)
 
 
+def test_half_precision_experts_are_judged_against_torchs_own_half_precision_error(tmp_path, llada2_ckpt):
+    """An fp16 graph of an expert model is held to the larger of 1% of the logit scale and twice the error torch
+    itself makes in fp16 (measured from the model being exported). The decomposed experts run in fp16 on the CPU."""
+    from llada_onnx.export import export
+    from llada_onnx.export.validate import FP16_EXPERTS_MEAN_RELATIVE_ERROR, HALF_ERROR_FACTOR, validate_export
+    from llada_onnx.models import load_model
+
+    export(llada2_ckpt, tmp_path / "fp16", dtype="fp16", validate=False, moe="decomposed", progress=False)
+    report = validate_export(tmp_path / "fp16", load_model(llada2_ckpt, dtype=torch.float16), dtype="fp16")
+    half = report["torch_half_mean_abs_diff"]
+    assert half > 0 and report["mean_tolerance"] == max(FP16_EXPERTS_MEAN_RELATIVE_ERROR * report["logit_scale"],
+                                                        HALF_ERROR_FACTOR * half)
+    assert report["logits_mean_abs_diff"] <= report["mean_tolerance"]
+
+
 @pytest.fixture(scope="module")
 def llada2_pipe(tmp_path_factory, llada2_ckpt):
     from llada_onnx.export import export
