@@ -92,7 +92,7 @@ def runtime_engines(graphs: dict, ids: np.ndarray, mask: np.ndarray, start: int)
     for export, graph in graphs.items():
         name = f"llada-onnx {graph.manifest.variant} {graph.manifest.dtype} ({export.name})"
         _, past = graph.run_block(np.ascontiguousarray(ids[:, :start]), np.ascontiguousarray(mask[:, :start]),
-                                  head[:, :1], BLOCK, np.zeros((batch, 0), np.int64), graph.empty_past(batch),
+                                  head[:, :1], BLOCK, np.zeros((batch, 0), np.int64), graph.past.empty(batch),
                                   logits=False)
         fed_mask, cached_mask = np.ascontiguousarray(mask[:, start:]), np.ascontiguousarray(mask[:, :start])
         calls[f"{name} step"] = lambda g=graph, p=past: g.run_block(fed, fed_mask, head, BLOCK, cached_mask, p,

@@ -40,8 +40,7 @@ class BlockSamplerGraph(nn.Module):
     def forward(self, input_ids, attention_mask, positions, block_length, cached_mask, *past):
         h, presents = self.model.hidden_states(input_ids, attention_mask, block_length,
                                                list(zip(past[0::2], past[1::2])), cached_mask)
-        h = torch.gather(h, 1, positions[:, :, None].expand(-1, -1, h.shape[-1]))
-        return (*summaries(self.model.lm_head(h), self.device), *(t for kv in presents for t in kv))
+        return with_presents(self.model, h, positions, presents, self.device)
 
 
 class CachedSamplerGraph(nn.Module):
@@ -66,8 +65,14 @@ class CachedSamplerGraph(nn.Module):
     def forward(self, input_ids, attention_mask, positions, head_index, *past):
         layers = list(zip(past[0::2], past[1::2]))
         h, presents = self.model.cached_hidden_states(input_ids, attention_mask, positions, layers)
-        h = torch.gather(h, 1, head_index[:, :, None].expand(-1, -1, h.shape[-1]))
-        return (*summaries(self.model.lm_head(h), self.device), *(t for kv in presents for t in kv))
+        return with_presents(self.model, h, head_index, presents, self.device)
+
+
+def with_presents(model: nn.Module, h: torch.Tensor, index: torch.Tensor, presents, device: str):
+    """The outputs of a graph with a past: the summaries of the fed tokens ``index`` picks from the hidden states
+    ``h``, then each layer's keys and values."""
+    h = torch.gather(h, 1, index[:, :, None].expand(-1, -1, h.shape[-1]))
+    return (*summaries(model.lm_head(h), device), *(t for kv in presents for t in kv))
 
 
 def summaries(logits: torch.Tensor, device: str = "cpu"):

@@ -40,7 +40,7 @@ class BlockCache:
             self.mask[r, shift:shift + length] = attention_mask[r]
         self.rows = list(range(rows))
         self.length = 0  # slots [0, length) are cached
-        self.kv = graph.empty_past(rows)
+        self.kv = graph.past.empty(rows)
 
     def step(self, canvas: np.ndarray, rows: list[int], block: int, *, logits: bool) -> StepOutput:
         """The predictions for the ``block``-th generated block of ``rows`` (a subset of the earlier calls' rows;
@@ -69,13 +69,12 @@ class BlockCache:
     def _select(self, rows: list[int]) -> list[Any]:
         if rows != self.rows:
             index = [self.rows.index(r) for r in rows]
-            self.kv = [self.graph.to_device(self._host(t)[index]) for t in self.kv]
+            past = self.graph.past
+            self.kv = [past.to_device(past.to_host(t)[index]) for t in self.kv]
             self.rows = rows
         return self.kv
 
     def _append(self, past: Any, present: Any, n: int) -> Any:
         """``past`` with the first ``n`` fed positions' keys or values after it."""
-        return self.graph.to_device(np.concatenate([self._host(past), self._host(present)[:, :, :n]], axis=2))
-
-    def _host(self, t: Any) -> np.ndarray:
-        return t.numpy() if self.graph.on_cuda else t
+        state = self.graph.past
+        return state.to_device(np.concatenate([state.to_host(past), state.to_host(present)[:, :, :n]], axis=2))

@@ -21,7 +21,7 @@ from .captured_steps import UNCAPTURED, CapturedSteps, PinnedCache
 from .errors import InputError
 from .contract import KV_CACHE
 from .manifest import Manifest
-from .session import StepOutput, check_graph, open_session, run_step
+from .session import PastInputs, StepOutput, check_graph, open_session, run_step
 
 Cache = list[Any]  # per layer keys then values [B, n_kv_heads, L, head_dim]: numpy arrays, OrtValues on CUDA
 
@@ -53,29 +53,23 @@ class KVCacheSession:
             self.session, self.provider = open_session(path, chosen, **kwargs)
         sizes = manifest.sizes
         check_graph(self.session, KV_CACHE, sizes.n_layers, path)
-        self._past = list(KV_CACHE.layer_input_names(sizes.n_layers))
         self._present = list(KV_CACHE.layer_output_names(sizes.n_layers))
-        past_type = next(i.type for i in self.session.get_inputs() if i.name == self._past[0])
-        self._past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else None
         self._device_id = device_id
-        self._empty: dict[int, Any] = {}
-        self._dims = (sizes.n_kv_heads, sizes.head_dim)
+        self.past = PastInputs(self.session, list(KV_CACHE.layer_input_names(sizes.n_layers)), sizes,
+                               device_id if self._device else None)
         self._captured = None
         if graphs and self._device:  # not when onnxruntime fell back to the CPU (allow_fallback)
-            self._captured = CapturedSteps(self.session, device_id, self._past, self._present, self._dims,
-                                           self._past_dtype, manifest.vocab_size)
+            self._captured = CapturedSteps(self.session, device_id, self.past.names, self._present, self.past.dims,
+                                           self.past.dtype, manifest.vocab_size)
 
     def refresh(self, canvas: np.ndarray, attention_mask: np.ndarray, window: np.ndarray,
                 *, logits: bool) -> tuple[StepOutput, Cache]:
         """Predictions for ``window`` (canvas positions ``[B, c]``) from the whole canvas, and a fresh cache."""
         batch, length = canvas.shape
-        if batch not in self._empty:  # a refresh attends to no past: every layer gets an empty one
-            empty = np.zeros((batch, self._dims[0], 0, self._dims[1]), dtype=self._past_dtype)
-            self._empty = {batch: self._on_device(empty) if self._device else empty}
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
         pinned = self._captured.pinned_cache(batch, length) if self._captured else None
-        out, cache = self._run(canvas, attention_mask, positions, window, [self._empty[batch]] * len(self._past),
+        out, cache = self._run(canvas, attention_mask, positions, window, self.past.empty(batch),
                                logits, self._present, into=pinned)
         return out, cache if pinned is None else pinned
 
@@ -90,9 +84,6 @@ class KVCacheSession:
         out, _ = self._run(ids, attention_mask, positions, window - fed_start, cache, logits, ())
         return out
 
-    def _on_device(self, array: np.ndarray):
-        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
-
     @staticmethod
     def _feeds(ids, mask, positions, head_index) -> dict[str, np.ndarray]:
         return {"input_ids": ids, "attention_mask": mask, "positions": np.ascontiguousarray(positions),
@@ -103,5 +94,5 @@ class KVCacheSession:
         """An uncaptured call (a refresh writes its cache ``into`` pinned buffers when given)."""
         return run_step(self.session, self._feeds(ids, mask, positions, head_index), logits=logits,
                         cuda_device=self._device_id if self._device else None,
-                        kept_inputs=dict(zip(self._past, past)), kept_outputs=tuple(presents), into=into,
+                        kept_inputs=dict(zip(self.past.names, past)), kept_outputs=tuple(presents), into=into,
                         run_options=UNCAPTURED if self._captured else None)

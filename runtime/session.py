@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
-from .contract import GRAPH_KINDS, GraphKind
+from .contract import GRAPH_KINDS, GraphKind, ModelSizes
 from .errors import LladaOnnxError, NotAnExportError
 from .manifest import Manifest
 
@@ -96,6 +96,34 @@ def check_moe_kernel(manifest: Manifest, provider: str) -> None:
             "model's; use onnxruntime >= 1.32 on the CPU, or an export made with --moe decomposed")
 
 
+class PastInputs:
+    """A graph's per-layer past inputs (keys/values fed back from an earlier call): their dtype, where they live
+    (numpy arrays on the host; OrtValues on the device under CUDA, so state never crosses to the host by itself),
+    and the empty past of each batch size."""
+
+    def __init__(self, session: ort.InferenceSession, names: list[str], sizes: ModelSizes, cuda_device: int | None):
+        self.names, self.cuda_device = names, cuda_device
+        self.dims = (sizes.n_kv_heads, sizes.head_dim)
+        kind = next((i.type for i in session.get_inputs() if names and i.name == names[0]), "")
+        self.dtype = np.float16 if kind == "tensor(float16)" else np.float32
+        self._empty: dict[int, list[Any]] = {}
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """``array`` where the past lives."""
+        return array if self.cuda_device is None else ort.OrtValue.ortvalue_from_numpy(array, "cuda",
+                                                                                         self.cuda_device)
+
+    def to_host(self, value: Any) -> np.ndarray:
+        return value if self.cuda_device is None else value.numpy()
+
+    def empty(self, batch: int) -> list[Any]:
+        """Per layer, keys and values of no position (the last batch size's kept)."""
+        if batch not in self._empty:
+            empty = np.zeros((batch, self.dims[0], 0, self.dims[1]), dtype=self.dtype)
+            self._empty = {batch: [self.to_device(empty)] * len(self.names)}
+        return self._empty[batch]
+
+
 class GraphSession:
     """An exported LLaDA graph in onnxruntime; build it once and call :meth:`run` every step."""
 
@@ -114,15 +142,8 @@ class GraphSession:
         check_moe_kernel(manifest, self.provider)
         self._device = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(self.provider)
         self._device_id = device_id
-        self._past, self._present = kind.layer_input_names(n_layers), kind.layer_output_names(n_layers)
-        past_type = next((i.type for i in self.session.get_inputs() if self._past and i.name == self._past[0]), "")
-        self.past_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
-        self._empty: dict[int, list[Any]] = {}
-
-    @property
-    def on_cuda(self) -> bool:
-        """Whether the session runs on CUDA (its past and presents are then device OrtValues)."""
-        return self._device == "cuda"
+        self._present = kind.layer_output_names(n_layers)
+        self.past = PastInputs(self.session, list(kind.layer_input_names(n_layers)), manifest.sizes, self._cuda)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
             *, logits: bool = False, block_length: int | None = None) -> StepOutput:
@@ -131,7 +152,7 @@ class GraphSession:
         if block_length is not None:
             nothing = np.zeros((len(input_ids), 0), dtype=np.int64)
             return self.run_block(input_ids, attention_mask, positions, block_length, nothing,
-                                  self.empty_past(len(input_ids)), logits=logits, presents=False)[0]
+                                  self.past.empty(len(input_ids)), logits=logits, presents=False)[0]
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
         return run_step(self.session, feeds, logits=logits, cuda_device=self._cuda)[0]
 
@@ -144,23 +165,12 @@ class GraphSession:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions,
                  "block_length": np.array(block_length, dtype=np.int64), "cached_mask": cached_mask}
         return run_step(self.session, feeds, logits=logits, cuda_device=self._cuda,
-                        kept_inputs=dict(zip(self._past, past)), kept_outputs=self._present if presents else ())
-
-    def empty_past(self, batch: int) -> list[Any]:
-        """Per layer, keys and values of no position: the past of a full forward."""
-        if batch not in self._empty:
-            sizes = self.manifest.sizes
-            empty = np.zeros((batch, sizes.n_kv_heads, 0, sizes.head_dim), dtype=self.past_dtype)
-            self._empty = {batch: [self.to_device(empty)] * len(self._past)}
-        return self._empty[batch]
-
-    def to_device(self, array: np.ndarray) -> Any:
-        """``array`` where the session's past lives: as it is, or a CUDA OrtValue."""
-        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id) if self.on_cuda else array
+                        kept_inputs=dict(zip(self.past.names, past)),
+                        kept_outputs=self._present if presents else ())
 
     @property
     def _cuda(self) -> int | None:
-        return self._device_id if self.on_cuda else None
+        return self._device_id if self._device == "cuda" else None
 
 
 def check_graph(session: ort.InferenceSession, kind: GraphKind, n_layers: int, path: Path) -> None:
