@@ -2,8 +2,13 @@
 
 Steps: check (config, weights, disk space, opset) -> load the checkpoint lazily -> trace with the dynamo exporter
 -> save graph + one external-data file -> optionally fuse (:mod:`.fusion`) and quantize (:mod:`.quantize`) it ->
-write ``llada_onnx.json`` and copy the tokenizer files -> validate in onnxruntime against torch. Everything is written into a temporary directory beside the output and renamed into
-place only once validation passed, so a failure or Ctrl-C never leaves a half-written export behind.
+write ``llada_onnx.json`` and copy the tokenizer files -> validate in onnxruntime against torch. Everything is
+written into a temporary directory beside the output and renamed into place only once validation passed, so a
+failure or Ctrl-C never leaves a half-written export behind.
+
+A quantized export first writes the float graph it quantizes (for LLaDA2-mini in fp32: 65 GB for a 9 GB result).
+``scratch`` puts that graph on another disk or in memory (``/dev/shm``), in a temporary folder removed however
+the export ends, so the output's disk only needs room for the quantized graph.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -90,6 +96,7 @@ def export(
     cache: bool = False,
     quantization: Quantization = Quantization(),
     moe: str = "fused",
+    scratch: str | Path | None = None,
 ) -> ExportResult:
     """Export a LLaDA checkpoint (Hugging Face layout) to ``output_dir``; see the module docstring.
 
@@ -99,7 +106,7 @@ def export(
     ``quantization`` (see :mod:`.quantize`) turns the weights into int8 or int4 after tracing (and fusing); the
     KV-cache graph gets the same quantization and still shares the main graph's (quantized) weights.
     ``moe`` writes a mixture-of-experts architecture's experts as onnxruntime's fused MoE kernel or in standard
-    ops (see :mod:`.moe`).
+    ops (see :mod:`.moe`). ``scratch``: where a quantized export writes its float graph (see the module docstring).
     """
     ckpt = Path(checkpoint_dir)
     opset = DEFAULT_OPSET if opset is None else opset
@@ -114,26 +121,39 @@ def export(
     if architecture.experts:
         quantization.check_experts(dtype)
     translations = translation_table(moe) if architecture.experts else {}
+    quantize = quantization.method != "none"
+    if scratch is not None and not quantize:
+        raise ExportError("--scratch holds the float graph of a quantized export; without --quantize it is unused")
+    if scratch is not None and not Path(scratch).is_dir():
+        raise ExportError(f"scratch folder {scratch} does not exist; create it or name another folder")
     sizes = architecture.sizes(cfg)
     out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)
-    need = _disk_needed(architecture.parameter_count(cfg), dtype, cache, quantization)
-    _check_disk(out, need)
-    quantize = quantization.method != "none"
+    need, float_graph = _disk_needed(architecture.parameter_count(cfg), dtype, cache, quantization)
+    if scratch is None:
+        _check_disk(out.parent, need + float_graph)
+    else:
+        _check_disk(out.parent, need)
+        _check_disk(Path(scratch), float_graph)
+    # Quantized experts are laid out for onnxruntime's CPU kernel only (Quantization.check_experts): validated there
+    # whatever device torch runs on.
+    provider_device = "cpu" if architecture.experts and quantize else device
     main = GRAPH_KINDS[architecture.graph_kinds[0]]
     stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
                        + cache * (2 + validate) + validate * (main is BLOCK_FORWARD))
-    with disk_full_is_reported(out, need), staged_directory(out) as tmp:
+    with disk_full_is_reported(out, need + float_graph), staged_directory(out) as tmp:
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
         fusions, quantized = _write_graph(lambda: _trace(main, model, sizes, opset, device, translations),
                                           tmp / main.file, "the graph", fusion=fusion,
                                           required=CACHE_REQUIRED if main.per_layer_inputs else None,
-                                          quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
+                                          quantization=quantization, embedding_size=sizes.vocab_size, stages=stages,
+                                          scratch=scratch)
         if cache:
             _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device,
                                               translations),
                          tmp / KV_CACHE.file, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
-                         quantization=quantization, embedding_size=sizes.vocab_size, stages=stages)
+                         quantization=quantization, embedding_size=sizes.vocab_size, stages=stages,
+                         scratch=scratch)
             share_weights(tmp / main.file, tmp / KV_CACHE.file)
         with stages.stage("writing manifest and tokenizer files"):
             graphs = {kind.name: kind.file for kind in (main, KV_CACHE) if kind is main or cache}
@@ -143,15 +163,15 @@ def export(
         report = None
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
-                report = validate_export(tmp, model, dtype=dtype, device=device, quantized=quantize)
+                report = validate_export(tmp, model, dtype=dtype, device=provider_device, quantized=quantize)
             if main is BLOCK_FORWARD:
                 with stages.stage("validating the block cache"):
-                    report["block_cache"] = validate_block_cache(tmp, model, dtype=dtype, device=device,
+                    report["block_cache"] = validate_block_cache(tmp, model, dtype=dtype, device=provider_device,
                                                                  quantized=quantize,
                                                                  mean_tolerance=report.get("mean_tolerance"))
             if cache:
                 with stages.stage("validating the KV-cache graph"):
-                    report["cache_graph"] = validate_cache_graph(tmp, model, dtype=dtype, device=device,
+                    report["cache_graph"] = validate_cache_graph(tmp, model, dtype=dtype, device=provider_device,
                                                                  quantized=quantize,
                                                                  mean_tolerance=report.get("mean_tolerance"))
             (tmp / "validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -212,8 +232,8 @@ def _check_request(ckpt: Path, *, dtype: str, opset: int, device: str, validate:
     return architecture, cfg
 
 
-def _disk_needed(parameters: int, dtype: str, cache: bool, quantization: Quantization) -> int:
-    """Bytes the export writes at its peak.
+def _disk_needed(parameters: int, dtype: str, cache: bool, quantization: Quantization) -> tuple[int, int]:
+    """Bytes the export writes at its peak: (the export's graphs, the float graph a quantized export writes first).
 
     The quantizer writes its graph before the float one it reads is deleted (an int8 graph keeps its embedding
     table in float: at most half the bytes; an int4 one is about a quarter at most). The KV-cache graph is saved
@@ -221,22 +241,24 @@ def _disk_needed(parameters: int, dtype: str, cache: bool, quantization: Quantiz
     """
     graph_bytes = parameters * torch.finfo(DTYPES[dtype]).bits // 8
     quantized = {"none": 0, "int8": graph_bytes // 2, "int4": graph_bytes // 4}[quantization.method]
-    with_cache = (graph_bytes + 2 * quantized if quantized else 2 * graph_bytes) if cache else 0
-    return max(graph_bytes + quantized, with_cache) + (64 << 20)
+    if quantized:
+        return (1 + cache) * quantized + (64 << 20), graph_bytes
+    return (1 + cache) * graph_bytes + (64 << 20), 0
 
 
-def _check_disk(out: Path, need: int) -> None:
-    free = shutil.disk_usage(out.parent).free
+def _check_disk(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
     if free < need:
-        raise ExportError(f"not enough disk space in {out.parent}: the export needs about {need / 1e9:.2f} GB, "
+        raise ExportError(f"not enough disk space in {folder}: the export needs about {need / 1e9:.2f} GB there, "
                           f"{free / 1e9:.2f} GB is free")
 
 
 def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple[str, ...] | None,
-                 quantization: Quantization, embedding_size: int, stages: _Progress):
+                 quantization: Quantization, embedding_size: int, stages: _Progress, scratch: str | Path | None):
     """Trace -> fuse (in memory) -> save -> quantize: one graph at ``target``; returns (fusions, quantized ops).
 
-    A graph to be quantized is saved as :data:`TRACED_FILE` first and deleted once the quantizer has written its own.
+    A graph to be quantized is saved as :data:`TRACED_FILE` first (beside ``target``, or in a temporary folder in
+    ``scratch``) and deleted once the quantizer has written its own.
     """
     with stages.stage(f"tracing {what} (dynamo)"):
         program = trace()
@@ -244,16 +266,29 @@ def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple
     if fusion == "ort":
         with stages.stage(f"fusing {what} for onnxruntime"):
             fusions = fuse_for_onnxruntime(program.model, required)
-    quantize = quantization.method != "none"
-    saved = target.with_name(TRACED_FILE) if quantize else target
-    with stages.stage(f"saving {what}"):
-        program.save(str(saved), external_data=True)
-        del program
-    if quantize:
+    if quantization.method == "none":
+        with stages.stage(f"saving {what}"):
+            program.save(str(target), external_data=True)
+        return fusions, quantized
+    with _float_graph_folder(target.parent, scratch) as folder:
+        saved = folder / TRACED_FILE
+        with stages.stage(f"saving {what}" + (f" to {scratch}" if scratch is not None else "")):
+            program.save(str(saved), external_data=True)
+            del program
         with stages.stage(f"quantizing {what} ({quantization.variant})"):
             quantized = quantize_graph(saved, target, quantization, embedding_size)
             remove_graph(saved)
     return fusions, quantized
+
+
+@contextlib.contextmanager
+def _float_graph_folder(staging: Path, scratch: str | Path | None):
+    """The staging folder itself, or a temporary folder in ``scratch`` that is removed however the export ends."""
+    if scratch is None:
+        yield staging
+        return
+    with tempfile.TemporaryDirectory(prefix=".llada-onnx-float-", dir=scratch) as folder:
+        yield Path(folder)
 
 
 def _trace_cache(graph: CachedSamplerGraph, cfg: ModelSizes, opset: int, device: str, translations: dict):

@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="mixture-of-experts models: experts as onnxruntime's fused MoE kernel (CPU, CUDA) or in "
                         "standard ONNX ops (any provider, DirectML too; every expert runs on every token)")
     _quantization_args(e, required=False)
+    e.add_argument("--scratch", help="with --quantize: a folder for the float graph that is quantized (e.g. another "
+                                     "disk, or /dev/shm), removed afterwards (default: beside the output)")
     e.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
     e.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the onnxruntime-vs-torch validation")
@@ -268,7 +270,7 @@ def _export(args) -> int:
     export = _export_extra("export")
     export.export(args.checkpoint_dir, args.output_dir, dtype=args.dtype, opset=args.opset, device=args.device,
                   force=args.force, validate=args.validate, fusion=args.fusion, cache=args.cache,
-                  quantization=_quantization(args), moe=args.moe)
+                  quantization=_quantization(args), moe=args.moe, scratch=args.scratch)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -424,16 +425,20 @@ def test_a_finished_blocks_tokens_are_final(llada2_pipe):
 
 def test_command_line_export_int4_and_chat(tmp_path, llada2_ckpt, llada2_pipe):
     """``llada-onnx export CKPT OUT --quantize int4`` and ``llada-onnx chat --model OUT --threshold 0.95`` on the
-    tiny real-layout checkpoint; the other sampler family's flags are refused in one line (exit 2)."""
+    tiny real-layout checkpoint, the float graph written in a --scratch folder (emptied afterwards); the other
+    sampler family's flags are refused in one line (exit 2)."""
     import subprocess
     import sys
     from pathlib import Path
 
     cli = str(Path(sys.executable).with_name("llada-onnx"))
-    out = tmp_path / "int4"
-    res = subprocess.run([cli, "export", str(llada2_ckpt), str(out), "--quantize", "int4"], capture_output=True,
-                         text=True, timeout=600)
+    out, scratch = tmp_path / "int4", tmp_path / "scratch"
+    scratch.mkdir()
+    res = subprocess.run([cli, "export", str(llada2_ckpt), str(out), "--quantize", "int4", "--scratch", str(scratch)],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
+    assert f"saving the graph to {scratch}" in res.stderr and not any(scratch.iterdir())
+    assert json.loads((out / "validation.json").read_text())["provider"] == "CPUExecutionProvider"
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}

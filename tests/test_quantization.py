@@ -160,6 +160,31 @@ def test_cli_exports_fp16_int4_for_gpus(tmp_path, tied_ckpt):
     assert Manifest.load(out).variant == "int4-b128" and Manifest.load(out).dtype == "fp16"
 
 
+def test_scratch_holds_the_float_graph_and_is_emptied_on_failure(tmp_path, tiny_ckpt, monkeypatch):
+    """``scratch``: the float graph is written there, not beside the output, and removed when the export fails;
+    asking for it without quantization, or naming a missing folder, is refused."""
+    from llada_onnx.export import exporter
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    seen = []
+
+    def fail(source, *a, **k):
+        seen.append((source.parent.parent, (source.parent / (source.name + ".data")).stat().st_size))
+        raise ExportError("quantizer failed")
+
+    monkeypatch.setattr(exporter, "quantize_graph", fail)
+    with pytest.raises(ExportError, match="quantizer failed"):
+        export(tiny_ckpt, tmp_path / "out", progress=False, quantization=Quantization("int4"), scratch=scratch)
+    assert seen[0][0] == scratch and seen[0][1] > 0
+    assert not any(scratch.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
+    with pytest.raises(ExportError, match="without --quantize it is unused"):
+        export(tiny_ckpt, tmp_path / "out", progress=False, scratch=scratch)
+    with pytest.raises(ExportError, match="does not exist"):
+        export(tiny_ckpt, tmp_path / "out", progress=False, quantization=Quantization("int4"),
+               scratch=tmp_path / "missing")
+
+
 def test_quantize_an_existing_export(tmp_path, tiny_cache_onnx, int4_onnx):
     """``llada-onnx quantize``: no checkpoint, no re-trace; the same graph as quantizing at export time."""
     from llada_onnx.cli import main
