@@ -93,7 +93,7 @@ def model_call(graph: GraphSession, settings: SamplerSettings, cache_graph: KVCa
 class CallRequest:
     """What one step asks of the model call: ``call(*inputs, **options)``."""
 
-    inputs: tuple[np.ndarray, np.ndarray, np.ndarray]  # canvas [rows, L], attention mask [rows, L], positions
+    inputs: tuple  # LLaDA: canvas [rows, L], attention mask [rows, L], positions; block diffusion: BlockForward's
     options: dict  # step (within the block), window_start, block_end, logits
 
 
