@@ -227,18 +227,23 @@ BLOCK_ONLY = ("minimal_topk", "eos_early_stop", "top_k", "top_p", "editing_thres
 SHARED = ("gen_length", "block_length", "steps", "threshold", "temperature")  # flags both samplers take
 
 
-def _settings(args, pipe=None):
-    """The sampler settings the flags ask for, checked as ``pipe``'s export takes them (LLaDA's when no pipe):
-    a flag of the other sampler family, set, is an error naming it."""
+def _settings(args, block_diffusion: bool = False):
+    """The sampler settings the flags ask for, checked as the export's sampler family takes them (LLaDA's, or
+    LLaDA2's block diffusion): a flag of the other family, set, is an error naming it."""
     from .runtime.block_settings import BlockSettings
     from .runtime.settings import SamplerSettings
 
+    return (BlockSettings if block_diffusion else SamplerSettings).of(_setting_flags(args, block_diffusion))
+
+
+def _setting_flags(args, block_diffusion: bool) -> dict:
+    """The flags' values by setting name, unresolved (``None``: the setting follows the others or its default)."""
     given = lambda name: getattr(args, name) not in (None, False)  # noqa: E731
-    if pipe is None or not pipe.block_diffusion:
+    if not block_diffusion:
         other = [n for n in BLOCK_ONLY if given(n)]
         if other:
             raise InputError(f"`{other[0]}` is a block-diffusion (LLaDA2) setting; this export runs LLaDA's sampler")
-        return SamplerSettings.of({field.name: getattr(args, field.name) for field in knobs()})
+        return {field.name: getattr(args, field.name) for field in knobs()}
     defaults = {f.name: f.metadata.get("text_default", f.default) for f in knobs()}
     other = [f.name for f in knobs() if f.name not in SHARED and getattr(args, f.name) != defaults[f.name]]
     if other[:1] == ["cache"]:
@@ -248,7 +253,7 @@ def _settings(args, pipe=None):
         raise InputError(f"`{other[0]}` is not a setting of the block-diffusion sampler this export (LLaDA2) runs")
     values = {name: getattr(args, name) for name in SHARED + BLOCK_ONLY}
     values["eos_early_stop"] = args.eos_early_stop or None  # a switch left off: the setting's default
-    return BlockSettings.of(values)
+    return values
 
 
 def _pipeline(args):
@@ -306,7 +311,7 @@ def _generate(args) -> int:
     if not prompts:
         raise InputError("no prompt given: use --prompt TEXT (repeatable) or --file PROMPTS.txt")
     pipe = _pipeline(args)
-    settings = _settings(args, pipe)
+    settings = _settings(args, pipe.block_diffusion)
     chat = pipe.codec.has_chat_template if args.chat is None else args.chat
     ids, mask = pipe.codec.encode_batch(prompts, chat)
     display = _StepDisplay(pipe.codec, ids.shape, settings.gen_length, show_steps=args.show_steps,
@@ -341,7 +346,7 @@ def _chat(args) -> int:
         raise InputError("chat needs --model DIR, an export of an Instruct model: the embedded default model is a "
                          "base model without a chat template (use `llada-onnx generate --prompt TEXT` for it)")
     pipe = _pipeline(args)
-    session = ChatSession(pipe, seed=args.seed, **_settings(args, pipe).as_dict())
+    session = ChatSession(pipe, seed=args.seed, **_settings(args, pipe.block_diffusion).as_dict())
     print("llada-onnx chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -371,27 +376,24 @@ def _serve(args) -> int:
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    _settings(args)  # the defaults must make a valid request themselves
+    from .runtime.manifest import Manifest
+
+    # a wrong directory is the user's error here, not a replica's crash later
+    block_diffusion = bool(args.model) and Manifest.load(args.model).block_diffusion
+    _settings(args, block_diffusion)  # the defaults must make a valid request themselves
     # unresolved, so that a request's max_tokens also moves the steps and block length that follow it
-    defaults = {field.name: getattr(args, field.name) for field in knobs()}
+    defaults = _setting_flags(args, block_diffusion)
     server = dict(defaults=defaults, seed=args.seed, api_key=args.api_key, max_batch=args.max_batch,
                   max_queue=args.max_queue)
     if args.ray:
         return _serve_on_ray(args, server)
     pipe = _pipeline(args)
-    _servable(pipe.manifest)
     name = pipe.manifest.directory.name if args.model else "llada-onnx-default"
     app = create_app(pipe, model_name=name, **server)
     print(f"llada-onnx serve: {name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def _servable(manifest) -> None:
-    if manifest.sampler != "llada":
-        raise InputError(f"{manifest.directory} runs the {manifest.sampler} sampler ({manifest.architecture}), which "
-                         "the server does not batch yet: use `llada-onnx generate`/`chat` or Pipeline.generate")
 
 
 def _serve_on_ray(args, server: dict) -> int:
@@ -402,12 +404,8 @@ def _serve_on_ray(args, server: dict) -> int:
         from .serve.ray_app import application
     except ImportError as e:
         raise InputError(f"serve --ray needs the ray extra (pip install '.[ray]' in a clone): {e}") from None
-    from .runtime.manifest import Manifest
-
     if args.replicas < 1:
         raise InputError(f"--replicas must be a positive integer, got {args.replicas}")
-    if args.model:  # a wrong directory is the user's error here, not a replica's crash later
-        _servable(Manifest.load(args.model))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the finally below stops what ray.init started
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=args.verbose)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -52,6 +52,11 @@ class Manifest:
         return self.graphs.get("kv_cache")
 
     @property
+    def block_diffusion(self) -> bool:
+        """Whether the block-diffusion sampler (LLaDA2; its settings: ``BlockSettings``) drives this export."""
+        return self.sampler == "block_diffusion"
+
+    @property
     def graph_path(self) -> Path:
         return self.directory / self.graph
 

@@ -11,13 +11,13 @@ import onnxruntime as ort
 
 from .default_model import default_onnx_dir
 from .errors import InputError
-from .block_sampler import generate_block_ids
+from .block_sampler import BlockRun, generate_block_ids
 from .block_settings import BlockSettings
 from .kv_cache import KVCacheSession
 from .manifest import Manifest
 from .noise import Noise, NoiseLike
 from .providers import ProviderSpec
-from .sampler import Callback, generate_ids
+from .sampler import Callback, SamplerRun, generate_ids, new_run
 from .session import GraphSession
 from .settings import SamplerSettings
 from .text import Prompts, TextCodec
@@ -65,7 +65,7 @@ class Pipeline:
     @property
     def block_diffusion(self) -> bool:
         """Whether the export runs the block-diffusion sampler (LLaDA2; its settings: :class:`BlockSettings`)."""
-        return self.manifest.sampler == "block_diffusion"
+        return self.manifest.block_diffusion
 
     def forward_logits(self, input_ids, attention_mask=None, *, block_length: int | None = None) -> np.ndarray:
         """The mask predictor's logits at every position, float32 ``[batch, length, vocab]``: one forward pass of
@@ -105,6 +105,14 @@ class Pipeline:
         if self.block_diffusion:
             return BlockSettings.of(settings)
         return SamplerSettings.of(settings, text=text)
+
+    def new_run(self, input_ids: np.ndarray, attention_mask: np.ndarray | None,
+                settings: SamplerSettings | BlockSettings, noise: Noise) -> SamplerRun | BlockRun:
+        """One generation as a state machine (``next_call``/``take``) for a scheduler that interleaves many; a
+        LLaDA run's model call is the scheduler's, a block-diffusion run brings its own (``run.call``, its cache)."""
+        if self.block_diffusion:
+            return BlockRun(self.graph, input_ids, attention_mask, settings, noise)
+        return new_run(self.manifest, input_ids, attention_mask, settings, noise)
 
     def _generate_ids(self, input_ids, attention_mask, settings, *, seed: int | None = None,
                       rng: NoiseLike = None, callback=None) -> np.ndarray:

@@ -456,5 +456,6 @@ def test_command_line_export_int4_and_chat(tmp_path, llada2_ckpt, llada2_pipe):
     res = subprocess.run([cli, "generate", "--prompt", "x", "--editing-threshold", "0.5"], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 2 and "--editing-threshold is a block-diffusion (LLaDA2) setting" in res.stderr
-    res = subprocess.run([cli, "serve", "--model", model], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "does not batch yet" in res.stderr
+    res = subprocess.run([cli, "serve", "--model", model, "--remasking", "random"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "--remasking is not a setting of the block-diffusion sampler" in res.stderr

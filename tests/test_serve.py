@@ -181,11 +181,84 @@ def test_requests_beyond_the_queue_get_429():
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def llada2_export(tmp_path_factory):
+    from llada_onnx.export import export
+    from llada_onnx.models.tiny import make_tiny_llada2_checkpoint
+
+    ckpt = make_tiny_llada2_checkpoint(tmp_path_factory.mktemp("llada2-ckpt"))
+    out = tmp_path_factory.mktemp("llada2-export") / "onnx"
+    export(ckpt, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llada2_server(llada2_export):
+    s = Server("--model", str(llada2_export))
+    yield s
+    s.stop()
+
+
+LLADA2_PROMPTS = ["the king", "the queen said", "a lord", "the king and the queen", "my lord", "the"]
+
+
+def test_block_diffusion_requests_get_pipeline_generates_text(llada2_server, llada2_export):
+    """A LLaDA2 export served: completions and chat equal Pipeline.generate's text under the block sampler's own
+    settings (threshold, editing, top_k/top_p sampling), streaming sends it block by block as blocks finish, and
+    concurrent requests each get the text they get alone."""
+    pipe = Pipeline.from_pretrained(llada2_export)
+    client = llada2_server.client()
+    assert llada2_server.health()["sampler"] == "block_diffusion"
+    grid = [{}, dict(block_length=8, threshold=0.5), dict(block_length=8, editing_threshold=0.5, max_post_steps=2),
+            dict(temperature=1.0, top_p=0.9, seed=3, extra_body={"top_k": 50})]
+    for settings in grid:
+        kw = {k: v for k, v in settings.items() if k not in ("extra_body", "temperature", "top_p", "seed")}
+        extra = dict(settings.get("extra_body", {}), **kw)
+        out = client.completions.create(model="x", prompt="the king", max_tokens=32, extra_body=extra,
+                                        **{k: settings[k] for k in ("temperature", "top_p", "seed") if k in settings})
+        plain = {k: v for k, v in settings.items() if k != "extra_body"}
+        want = pipe.generate("the king", chat=False, gen_length=32, **plain, **settings.get("extra_body", {}))[0]
+        assert out.choices[0].text == want, settings
+    pieces = [c.choices[0].text for c in client.completions.create(model="x", prompt="the king", max_tokens=32,
+                                                                     stream=True, extra_body={"block_length": 8})]
+    assert "".join(pieces) == pipe.generate("the king", chat=False, gen_length=32, block_length=8)[0]
+    messages = [{"role": "user", "content": "the king"}]
+    chat = client.chat.completions.create(model="x", messages=messages, max_tokens=16)
+    assert chat.choices[0].message.content == pipe.generate([messages], gen_length=16)[0]
+
+    alone = {p: pipe.generate(p, chat=False, gen_length=32)[0] for p in LLADA2_PROMPTS}
+
+    def one(prompt: str) -> str:
+        stream = client.completions.create(model="x", prompt=prompt, max_tokens=32, stream=True)
+        return "".join(chunk.choices[0].text for chunk in stream)
+
+    with ThreadPoolExecutor(len(LLADA2_PROMPTS)) as pool:
+        assert dict(zip(LLADA2_PROMPTS, pool.map(one, LLADA2_PROMPTS))) == alone
+    assert llada2_server.health()["running"] == 0
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"remasking": "random"}, "unknown field remasking"),
+    ({"cfg_scale": 1.0}, "unknown field cfg_scale"),
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"max_post_steps": 2}, "max_post_steps needs editing_threshold"),
+    ({"max_tokens": 4096}, "max_sequence_length"),
+])
+def test_block_diffusion_refuses_llada_fields_and_bad_settings(llada2_server, body, message):
+    status, reply = llada2_server.post("/v1/completions", json.dumps({"prompt": "the king", **body}).encode(),
+                                       {"Content-Type": "application/json"})
+    assert status == 400 and message in reply["error"]["message"], reply
+    assert llada2_server.health()["status"] == "ok"
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_the_web_page_streams_and_draws_the_canvas(server, tmp_path):
+@pytest.mark.parametrize("which", ["server", "llada2_server"])
+def test_the_web_page_streams_and_draws_the_canvas(request, which, tmp_path):
+    """The page in headless Chromium streams an answer and draws every position of the canvas; for a LLaDA2 export
+    it hides LLaDA's cache and remasking (settings block diffusion does not take)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -197,9 +270,12 @@ def test_the_web_page_streams_and_draws_the_canvas(server, tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--window-size=1200,900"):
         options.add_argument(flag)
+    server = request.getfixturevalue(which)
     browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
         browser.get(server.url + "/")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text)
+        hidden = [not e.is_displayed() for e in browser.find_elements(By.CLASS_NAME, "llada")]
         browser.find_element(By.ID, "max_tokens").clear()
         browser.find_element(By.ID, "max_tokens").send_keys("32")
         browser.find_element(By.ID, "go").click()
@@ -212,7 +288,9 @@ def test_the_web_page_streams_and_draws_the_canvas(server, tmp_path):
         print("screenshot:", tmp_path / "page.png")
     finally:
         browser.quit()
-    assert answer.strip() and len(cells) == 32 and not masked and steps == 32
+    assert len(cells) == 32 and not masked and hidden == [which == "llada2_server"] * 2
+    if which == "server":  # LLaDA: one token a step; block diffusion commits several above its threshold
+        assert answer.strip() and steps == 32
 
 
 def test_ray_serve_replicas_serve_the_same_api(default_pipe):

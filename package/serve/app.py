@@ -25,10 +25,10 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from ..runtime.block_sampler import BlockStepInfo
 from ..runtime.errors import LladaOnnxError
 from ..runtime.noise import Noise
 from ..runtime.pipeline import Pipeline
-from ..runtime.sampler import new_run
 from .protocol import FinalText, Request, RequestError, canvas_view, read_request
 from .scheduler import QueueFull, Scheduler
 
@@ -70,7 +70,8 @@ def create_app(pipeline: Pipeline, *, model_name: str, defaults: dict[str, Any] 
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_name, "pid": os.getpid(), **scheduler.load}
+        return {"status": "ok", "model": model_name, "sampler": pipeline.manifest.sampler, "pid": os.getpid(),
+                **scheduler.load}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -84,17 +85,17 @@ def create_app(pipeline: Pipeline, *, model_name: str, defaults: dict[str, Any] 
         except (ValueError, UnicodeDecodeError):
             return error(400, "the request body is not valid JSON")
         try:
-            request = read_request(body, chat=chat, defaults=defaults, seed=seed)
+            request = read_request(body, chat=chat, defaults=defaults, seed=seed,
+                                   block_diffusion=pipeline.block_diffusion)
             if chat and not codec.has_chat_template:
                 raise RequestError(f"{model_name} is a base model without a chat template: use /v1/completions")
             ids = codec.encode(codec.prompt_texts([request.prompt] if chat else request.prompt, chat)[0])
             if not ids:
                 raise RequestError("the prompt encodes to no tokens")
-            run = new_run(pipeline.manifest, np.asarray([ids]), None, request.settings,
-                          Noise.of(None, request.seed))
+            run = pipeline.new_run(np.asarray([ids]), None, request.settings, Noise.of(None, request.seed))
         except LladaOnnxError as e:
             return error(400, e.render({"gen_length": "max_tokens"}))
-        stream = _Stream(request, codec, run.prompt_len, asyncio.get_running_loop())
+        stream = _Stream(request, codec, len(ids), asyncio.get_running_loop())
         try:
             job = scheduler.submit(run, request.settings, stream.on_step, stream.on_end)
         except QueueFull as e:
@@ -135,14 +136,16 @@ class _Stream:
 
     def __init__(self, request: Request, codec, prompt_len: int, loop: asyncio.AbstractEventLoop):
         self.request, self.codec, self.prompt_len, self.loop = request, codec, prompt_len, loop
-        self.final = FinalText(codec, prompt_len, request.stop)
+        self.gen_length = request.settings.gen_length
+        self.final = FinalText(codec, prompt_len, self.gen_length, request.stop)
         self.events: asyncio.Queue = asyncio.Queue()
 
     def on_step(self, info) -> bool | None:  # on the scheduler thread
         row = info.canvas[0]
-        new = self.final.update(row)
+        new = self.final.update(row, info.final_until[0] if isinstance(info, BlockStepInfo) else None)
         if self.request.stream and (new or self.request.stream_canvas):
-            canvas = canvas_view(self.codec, row, self.prompt_len) if self.request.stream_canvas else None
+            canvas = (canvas_view(self.codec, row, self.prompt_len, self.gen_length) if self.request.stream_canvas
+                      else None)
             self.loop.call_soon_threadsafe(self.events.put_nowait, ("step", new, canvas))
         return False if self.final.finished else None
 

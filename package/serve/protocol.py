@@ -2,19 +2,23 @@
 
 Requests are read by hand rather than through a schema library so that every refusal is one sentence naming
 the field. OpenAI fields map to the sampler (``max_tokens`` -> ``gen_length``, ``temperature``, ``seed``,
-``stop``); every other :class:`~llada_onnx.runtime.settings.SamplerSettings` field is an extension field with the
-Python API's name and default (``block_length``, ``steps``, ``threshold``, ``factor``, ``cache``, ...). An OpenAI
-field this server cannot honour is refused unless it carries its neutral value (``n`` 1, ``top_p`` 1, ...):
-silently ignoring it would return something the client did not ask for.
+``stop``; for block diffusion also ``top_p``); every other field of the export's sampler settings
+(:class:`~llada_onnx.runtime.settings.SamplerSettings`, or for LLaDA2
+:class:`~llada_onnx.runtime.block_settings.BlockSettings`) is an extension field with the Python API's name and
+default (``block_length``, ``steps``, ``threshold``, ``cache``, ``editing_threshold``, ...). An OpenAI field this
+server cannot honour is refused unless it carries its neutral value (``n`` 1, ``top_p`` 1, ...): silently ignoring
+it would return something the client did not ask for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..runtime.block_settings import BlockSettings
 from ..runtime.errors import InputError, LladaOnnxError
 from ..runtime.settings import SamplerSettings, knobs
 
@@ -24,9 +28,11 @@ NEUTRAL = {"n": 1, "top_p": 1, "best_of": 1, "presence_penalty": 0, "frequency_p
            "top_logprobs": None, "logit_bias": None, "echo": False, "suffix": None, "tools": None,
            "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
            "parallel_tool_calls": None}
-EXTENSIONS = tuple(f.name for f in knobs() if f.name not in ("gen_length", "temperature")) + ("stream_canvas",)
-COMPLETION_FIELDS = set(COMMON) | {"prompt"} | set(NEUTRAL) | set(EXTENSIONS)
-CHAT_FIELDS = set(COMMON) | {"messages", "max_completion_tokens"} | set(NEUTRAL) | set(EXTENSIONS)
+OPENAI_SAMPLING = ("gen_length", "temperature", "top_p")  # settings that OpenAI's own fields carry
+EXTENSIONS = {  # per sampler family: the settings a request names directly
+    False: tuple(f.name for f in knobs() if f.name not in OPENAI_SAMPLING),
+    True: tuple(f.name for f in dataclasses.fields(BlockSettings) if f.name not in OPENAI_SAMPLING),
+}
 # how the sampler's names read in this API's messages
 FIELD_NAMES = {"gen_length": "max_tokens", "seed": "seed"}
 
@@ -41,7 +47,7 @@ class Request:
 
     prompt: Any  # a string, or a list of chat messages
     chat: bool
-    settings: SamplerSettings
+    settings: SamplerSettings | BlockSettings
     seed: int
     stop: list[str]
     stream: bool
@@ -49,15 +55,20 @@ class Request:
     stream_canvas: bool
 
 
-def read_request(body: Any, *, chat: bool, defaults: dict[str, Any], seed: int = 0) -> Request:
-    """``body``: the decoded JSON; ``defaults`` and ``seed``: the server's (its command line)."""
+def read_request(body: Any, *, chat: bool, defaults: dict[str, Any], seed: int = 0,
+                 block_diffusion: bool = False) -> Request:
+    """``body``: the decoded JSON; ``defaults`` and ``seed``: the server's (its command line);
+    ``block_diffusion``: the export runs LLaDA2's sampler, whose settings the request then carries."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    extensions = EXTENSIONS[block_diffusion]
+    neutral_only = {k: v for k, v in NEUTRAL.items() if not (block_diffusion and k == "top_p")}
+    allowed = (set(COMMON) | set(NEUTRAL) | set(extensions) | {"stream_canvas"}
+               | ({"messages", "max_completion_tokens"} if chat else {"prompt"}))
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise RequestError(f"unknown field `{unknown[0]}`; this endpoint takes {', '.join(sorted(allowed))}")
-    for name, neutral in NEUTRAL.items():
+    for name, neutral in neutral_only.items():
         value = body.get(name, neutral)
         if value != neutral and not (neutral is None and value in (False, 0, {}, [])):
             raise RequestError(f"`{name}` {value!r} is not supported by this server (a diffusion sampler); "
@@ -69,13 +80,14 @@ def read_request(body: Any, *, chat: bool, defaults: dict[str, Any], seed: int =
         prompt = _prompt(body.get("prompt"))
         tokens = body.get("max_tokens")
     settings = dict(defaults)
-    settings.update({k: body[k] for k in EXTENSIONS if k in body and k != "stream_canvas"})
+    settings.update({k: body[k] for k in extensions if k in body})
     if tokens is not None:
         settings["gen_length"] = tokens
-    if body.get("temperature") is not None:
-        settings["temperature"] = body["temperature"]
+    for name in ("temperature", "top_p") if block_diffusion else ("temperature",):
+        if body.get(name) is not None:
+            settings[name] = body[name]
     try:
-        resolved = SamplerSettings.of(settings, text=True)
+        resolved = BlockSettings.of(settings) if block_diffusion else SamplerSettings.of(settings, text=True)
     except InputError as e:
         raise RequestError(e.render(FIELD_NAMES)) from None
     seed = seed if body.get("seed") is None else body["seed"]
@@ -129,21 +141,25 @@ def _stop(stop: Any) -> list[str]:
 class FinalText:
     """The text of one canvas row that can no longer change, step by step.
 
-    In masked diffusion a committed token is never revised, so the generated tokens before the first still-masked
-    position are final. Their decoded text grows monotonically; :meth:`update` returns the new part. The text
-    ends at the first EOS/EoT token (as ``Pipeline.generate`` cuts it) or just before the first ``stop`` string;
-    a trailing incomplete UTF-8 sequence is held back until its bytes are in.
+    In LLaDA's masked diffusion a committed token is never revised, so the generated tokens before the first
+    still-masked position are final. Block diffusion may edit a block's tokens until the block is done, so there the
+    sampler says up to where the canvas is final (``final_until``). The decoded text grows monotonically;
+    :meth:`update` returns the new part. The text ends at the first EOS/EoT token (as ``Pipeline.generate`` cuts
+    it) or just before the first ``stop`` string; a trailing incomplete UTF-8 sequence is held back until its
+    bytes are in.
     """
 
-    def __init__(self, codec, prompt_len: int, stop: list[str]):
-        self.codec, self.prompt_len, self.stop = codec, prompt_len, stop
+    def __init__(self, codec, prompt_len: int, gen_length: int, stop: list[str]):
+        self.codec, self.prompt_len, self.gen_length, self.stop = codec, prompt_len, gen_length, stop
         self.mask_id = codec.manifest.id("mask_token_id")
         self.text, self.tokens, self.finished = "", 0, False
         self.finish_reason = "length"
 
-    def update(self, row: np.ndarray) -> str:
-        gen = row[self.prompt_len:]
+    def update(self, row: np.ndarray, final_until: int | None = None) -> str:
+        gen = row[self.prompt_len:self.prompt_len + self.gen_length]
         masked = np.flatnonzero(gen == self.mask_id)
+        if final_until is not None:  # block diffusion: the finished blocks
+            masked = np.arange(max(0, final_until - self.prompt_len), len(gen))
         final = gen[:masked[0]] if masked.size else gen
         ended = [i for i, t in enumerate(final.tolist()) if t in self.codec.stop_ids]
         if ended:
@@ -166,8 +182,8 @@ class FinalText:
         return new
 
 
-def canvas_view(codec, row: np.ndarray, prompt_len: int) -> list:
+def canvas_view(codec, row: np.ndarray, prompt_len: int, gen_length: int) -> list:
     """The generated part of a canvas row for the web page: each position's text, ``None`` where still masked."""
     mask_id = codec.manifest.id("mask_token_id")
     return [None if t == mask_id else codec.tokenizer.decode([int(t)], skip_special_tokens=False)
-            for t in row[prompt_len:].tolist()]
+            for t in row[prompt_len:prompt_len + gen_length].tolist()]

@@ -9,7 +9,9 @@ away) or failed; nothing waits for a batch to drain.
 
 Canvases of different lengths are **right**-padded to the longest one (pad id, attention mask 0): each real token
 keeps its position, so its rotary angles are those of the request run alone, and the padded keys are masked out.
-Requests that decode with a KV cache keep their own cache and run as their own model call within the same tick.
+Requests that decode with a KV cache keep their own cache and run as their own model call within the same tick;
+so do block-diffusion requests (LLaDA2's :class:`~llada_onnx.runtime.block_sampler.BlockRun`, whose exact block
+cache is its own): the scheduler interleaves their steps with everyone else's.
 
 Each request's step callback runs on the scheduler thread; it must be quick (the server's pushes an event onto
 the client's queue) and may return ``False`` to finish the request early (e.g. at its first EOS).
@@ -25,6 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..runtime.block_sampler import BlockRun
 from ..runtime.errors import LladaOnnxError
 from ..runtime.pipeline import Pipeline
 from ..runtime.sampler import SamplerRun, StepInfo, model_call
@@ -40,7 +43,7 @@ class Job:
     """One request in the scheduler. ``on_step`` sees each step (return ``False`` to finish); ``on_end`` is called
     once, with the exception that ended it or ``None``."""
 
-    run: SamplerRun
+    run: SamplerRun | BlockRun
     rows: int  # rows of the model call
     on_step: Callable[[StepInfo], Optional[bool]]
     on_end: Callable[[Optional[BaseException]], None]
@@ -63,12 +66,14 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="llada-onnx-scheduler", daemon=True)
         self._thread.start()
 
-    def submit(self, run: SamplerRun, settings, on_step, on_end) -> Job:
+    def submit(self, run: SamplerRun | BlockRun, settings, on_step, on_end) -> Job:
         """Queue a request; raises :class:`QueueFull` when ``max_queue`` requests are already waiting."""
-        rows = run.canvas.shape[0] * (2 if run.cfg else 1)
-        call = None
-        if settings.cache != "none":
-            call = model_call(self.pipeline.graph, settings, self.pipeline.kv_cache)
+        if isinstance(run, BlockRun):
+            rows, call = run.canvas.shape[0], run.call
+        else:
+            rows = run.canvas.shape[0] * (2 if run.cfg else 1)
+            call = None if settings.cache == "none" else model_call(self.pipeline.graph, settings,
+                                                                    self.pipeline.kv_cache)
         job = Job(run, rows, on_step, on_end, call)
         with self._wake:
             if len(self._waiting) >= self.max_queue:
