@@ -8,7 +8,7 @@
 #   checkpoint  draw the checkpoint into $WORK (31 GB; on the GPU when there is one)
 #   int4        the user's `llada-onnx export CKPT OUT --quantize int4` into $WORK, traced on the GPU in fp32 with
 #               the 65 GB float graph in --scratch $FAST (memory), validated on the CPU provider
-#   gpu         fp16 export for CUDA into $FAST (validated there) -> the block step and the full forward against
+#   gpu         fp16 export for CUDA into $FAST -> the block step and the full forward against
 #               torch bf16 eager and torch.compile (bench.block_step); the fp16 export is deleted afterwards
 #   cpu         the int4 export's block step on $THREADS cores -> `llada-onnx chat --threshold 0.95`
 # One stage at a time, so that each fits the one-GPU machine (128 GB of memory, 64 GB of disk) and no timing shares
@@ -39,8 +39,10 @@ int4() {
 gpu() {
   export PYTHONPATH=${GPU_PYTHONPATH:-${PYTHONPATH:-}}
   cuda || { log no CUDA device: no gpu stage; return 0; }
-  timed llada-onnx export $CKPT $F/onnx-fp16 --dtype fp16 --device cuda --force || return 1
-  du -sh $F/onnx-fp16; cp $F/onnx-fp16/validation.json $R/gpu-h200-$N-fp16-validation.json 2>/dev/null
+  # Unvalidated: with random weights, 20 layers of half precision lose most of the fp32 output in torch as in
+  # onnxruntime, so the comparison cannot judge the graph (docs/benchmarks.md; validated at 2 and 4 layers).
+  timed llada-onnx export $CKPT $F/onnx-fp16 --dtype fp16 --device cuda --force --no-validate || return 1
+  du -sh $F/onnx-fp16
   python3 -m bench.block_step --config $C --work $W --export $F/onnx-fp16 --provider cuda --batches 1,4 \
       --compile ${COMPILE:-default,reduce-overhead} --out $R/gpu-h200-$N-block-step
   rm -rf $F/onnx-fp16

@@ -423,6 +423,27 @@ def test_a_finished_blocks_tokens_are_final(llada2_pipe):
 
 
 
+def test_quantize_a_float_export_equals_exporting_quantized(tmp_path, llada2_ckpt, llada2_pipe):
+    """``llada-onnx quantize`` of an fp32 LLaDA2 export (no checkpoint, no torch) gives what ``export --quantize int4``
+    gives: the same tokens; its block cache stays exact (cached == uncached) on the quantized weights."""
+    import numpy as np
+
+    from llada_onnx.export import Quantization, export
+    from llada_onnx.export.quantize import quantize_export
+    from llada_onnx.runtime import Pipeline
+
+    report = quantize_export(llada2_pipe.manifest.directory, tmp_path / "q", Quantization("int4"), progress=False)
+    assert report["finite"] and report["reference"] == "float export (fp32)"
+    export(llada2_ckpt, tmp_path / "e", quantization=Quantization("int4"), progress=False)
+    quantized, exported = Pipeline.from_pretrained(tmp_path / "q"), Pipeline.from_pretrained(tmp_path / "e")
+    assert quantized.manifest.raw["quantized_ops"] == exported.manifest.raw["quantized_ops"]
+    prompt = np.arange(3, 14)[None]
+    kw = dict(gen_length=24, block_length=8, threshold=0.5)
+    canvas = quantized.generate_ids(prompt, **kw)
+    np.testing.assert_array_equal(canvas, exported.generate_ids(prompt, **kw))
+    np.testing.assert_array_equal(canvas, quantized.generate_ids(prompt, cache="none", **kw))
+
+
 def test_command_line_export_int4_and_chat(tmp_path, llada2_ckpt, llada2_pipe):
     """``llada-onnx export CKPT OUT --quantize int4`` and ``llada-onnx chat --model OUT --threshold 0.95`` on the
     tiny real-layout checkpoint, the float graph written in a --scratch folder (emptied afterwards); the other
