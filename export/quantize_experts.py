@@ -13,11 +13,14 @@ with the raw softmax probabilities, so the QMoE node gets the softmax of the rou
 official code) as ``router_weights``: the logits still choose the experts, the probabilities weight them.
 
 Checked against a dequantized reference to 2e-5 (tests/test_llada_moe.py). The float expert weights are read one
-tensor at a time, memory-mapped from the data file, and never loaded whole.
+tensor at a time, memory-mapped from the data file, and never loaded whole; each tensor is quantized expert by
+expert on every core.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,21 +74,42 @@ def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
     experts, rows, cols = weight.shape
     if cols % block_size:
         raise ValueError(f"an expert's input width {cols} is not a multiple of the block size {block_size}")
-    blocks = weight.astype(np.float32).reshape(experts, rows, cols // block_size, block_size)
-    scales = np.abs(blocks).max(-1) / 7
-    safe = np.where(scales == 0, 1, scales)
-    q = (np.clip(np.round(blocks / safe[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
-    q = q.reshape(experts, rows, cols)
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scales.astype(np.float32)
+    packed = np.empty((experts, rows, cols // 2), dtype=np.uint8)
+    scales = np.empty((experts, rows, cols // block_size), dtype=np.float32)
+
+    def one(e: int) -> None:
+        blocks = weight[e].astype(np.float32).reshape(rows, cols // block_size, block_size)
+        scale = np.abs(blocks).max(-1) / 7
+        safe = np.where(scale == 0, 1, scale)
+        q = (np.clip(np.round(blocks / safe[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
+        q = q.reshape(rows, cols)
+        packed[e], scales[e] = q[:, 0::2] | (q[:, 1::2] << 4), scale
+
+    _each_expert(one, experts)
+    return packed, scales
 
 
 def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``[E, N, K]`` float -> uint8 ``[E, N, K]`` (zero point 128) and per-channel scales ``[E, N]``."""
-    w = weight.astype(np.float32)
-    scales = np.abs(w).max(-1) / 127
-    safe = np.where(scales == 0, 1, scales)
-    q = (np.clip(np.round(w / safe[..., None]), -128, 127).astype(np.int16) + 128).astype(np.uint8)
-    return q, scales.astype(np.float32)
+    q = np.empty(weight.shape, dtype=np.uint8)
+    scales = np.empty(weight.shape[:2], dtype=np.float32)
+
+    def one(e: int) -> None:
+        w = weight[e].astype(np.float32)
+        scale = np.abs(w).max(-1) / 127
+        safe = np.where(scale == 0, 1, scale)
+        q[e] = (np.clip(np.round(w / safe[..., None]), -128, 127).astype(np.int16) + 128).astype(np.uint8)
+        scales[e] = scale
+
+    _each_expert(one, len(weight))
+    return q, scales
+
+
+def _each_expert(quantize, experts: int) -> None:
+    """``quantize(e)`` for every expert, on every core (numpy releases the GIL in its array loops), one expert's
+    temporaries at a time per core instead of the whole stack's: LLaDA2-mini has 15B expert weights."""
+    with ThreadPoolExecutor(min(experts, os.cpu_count() or 1)) as pool:
+        list(pool.map(quantize, range(experts)))
 
 
 def _read(tensor, folder: Path) -> np.ndarray:
