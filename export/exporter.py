@@ -6,7 +6,7 @@ write ``llada_onnx.json`` and copy the tokenizer files -> validate in onnxruntim
 written into a temporary directory beside the output and renamed into place only once validation passed, so a
 failure or Ctrl-C never leaves a half-written export behind.
 
-A quantized export first writes the float graph it quantizes (for LLaDA2-mini in fp32: 65 GB for a 9 GB result).
+A quantized export first writes the float graph it quantizes (for LLaDA2-mini in fp32: 65 GB for a 10 GB result).
 ``scratch`` puts that graph on another disk or in memory (``/dev/shm``), in a temporary folder removed however
 the export ends, so the output's disk only needs room for the quantized graph.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import io
 import json
@@ -273,7 +274,13 @@ def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple
     with _float_graph_folder(target.parent, scratch) as folder:
         saved = folder / TRACED_FILE
         with stages.stage(f"saving {what}" + (f" to {scratch}" if scratch is not None else "")):
-            program.save(str(saved), external_data=True)
+            try:
+                program.save(str(saved), external_data=True)
+            except OSError as e:
+                if scratch is None or e.errno != errno.ENOSPC:
+                    raise
+                raise ExportError(f"the scratch folder {scratch} is full ({e.strerror}) with the float graph; free "
+                                  "space there or choose another --scratch (nothing was written)") from None
             del program
         with stages.stage(f"quantizing {what} ({quantization.variant})"):
             quantized = quantize_graph(saved, target, quantization, embedding_size)

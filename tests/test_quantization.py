@@ -161,8 +161,9 @@ def test_cli_exports_fp16_int4_for_gpus(tmp_path, tied_ckpt):
 
 
 def test_scratch_holds_the_float_graph_and_is_emptied_on_failure(tmp_path, tiny_ckpt, monkeypatch):
-    """``scratch``: the float graph is written there, not beside the output, and removed when the export fails;
-    asking for it without quantization, or naming a missing folder, is refused."""
+    """``scratch``: the float graph is written there, not beside the output, and removed when the export fails; a
+    full scratch disk is named as such; asking for it without quantization, or naming a missing folder, is
+    refused."""
     from llada_onnx.export import exporter
 
     scratch = tmp_path / "scratch"
@@ -177,6 +178,17 @@ def test_scratch_holds_the_float_graph_and_is_emptied_on_failure(tmp_path, tiny_
     with pytest.raises(ExportError, match="quantizer failed"):
         export(tiny_ckpt, tmp_path / "out", progress=False, quantization=Quantization("int4"), scratch=scratch)
     assert seen[0][0] == scratch and seen[0][1] > 0
+    assert not any(scratch.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
+    import errno
+
+    import torch
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", full)
+    with pytest.raises(ExportError, match=f"the scratch folder {scratch} is full .*choose another --scratch"):
+        export(tiny_ckpt, tmp_path / "out", progress=False, quantization=Quantization("int4"), scratch=scratch)
     assert not any(scratch.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["scratch"]
     with pytest.raises(ExportError, match="without --quantize it is unused"):
         export(tiny_ckpt, tmp_path / "out", progress=False, scratch=scratch)
