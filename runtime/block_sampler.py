@@ -138,7 +138,8 @@ class BlockRun:
         if settings.cache == "block":
             cache = BlockCache(graph, am, [layout.span(r, 0)[0] for r in range(rows)], b, pad_id)
         self.call = BlockForward(graph, cache, am, b)
-        self.block, self.active, self.over = 0, None, False
+        self.block, self.active, self.over = 0, None, False  # the block being generated, its rows
+        self.spans, self.done, self.post, self.live, self.step = {}, {}, {}, [], 0  # per row of the block; its step
 
     def next_call(self) -> CallRequest | None:
         s, rows = self.s, range(self.canvas.shape[0])
