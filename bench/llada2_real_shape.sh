@@ -40,7 +40,7 @@ gpu() {
   export PYTHONPATH=${GPU_PYTHONPATH:-${PYTHONPATH:-}}
   cuda || { log no CUDA device: no gpu stage; return 0; }
   # Unvalidated: with random weights, 20 layers of half precision lose most of the fp32 output in torch as in
-  # onnxruntime, so the comparison cannot judge the graph (docs/benchmarks.md; validated at 2 and 4 layers).
+  # onnxruntime, so the comparison cannot judge the graph (docs/benchmarks.md).
   timed llada-onnx export $CKPT $F/onnx-fp16 --dtype fp16 --device cuda --force --no-validate || return 1
   du -sh $F/onnx-fp16
   python3 -m bench.block_step --config $C --work $W --export $F/onnx-fp16 --provider cuda --batches 1,4 \
