@@ -237,6 +237,24 @@ def test_block_diffusion_requests_get_pipeline_generates_text(llada2_server, lla
     assert llada2_server.health()["running"] == 0
 
 
+def test_block_diffusion_text_is_final_only_up_to_the_samplers_mark(llada2_export):
+    """Block diffusion may still edit an unfinished block, so the streamed text is the tokens before the
+    sampler's ``final_until``, not those before the first mask."""
+    import numpy as np
+
+    from llada_onnx.serve.protocol import FinalText
+
+    codec = Pipeline.from_pretrained(llada2_export).codec
+    words = codec.encode("the king and the queen")
+    mask = codec.manifest.id("mask_token_id")
+    prompt = codec.encode("my lord")
+    row = np.array(prompt + words + [mask] * 3)
+    final = FinalText(codec, len(prompt), len(words) + 3, [])
+    assert codec.decode(words[:2]) and final.update(row, len(prompt)) == "" and final.update(row, len(prompt) + 2) == codec.decode(words[:2])
+    assert final.update(row, len(prompt) + len(words)) == codec.decode(words)[len(codec.decode(words[:2])):]
+    assert not final.finished and final.text == codec.decode(words)
+
+
 @pytest.mark.parametrize("body, message", [
     ({"remasking": "random"}, "unknown field remasking"),
     ({"cfg_scale": 1.0}, "unknown field cfg_scale"),
