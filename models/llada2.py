@@ -32,7 +32,7 @@ from torch import nn
 
 from ..runtime import json_fields as fields
 from .config import CheckpointError, UnsupportedConfigError, read_config_with_ids, refuse_unsupported
-from .modeling import MaskPredictor, RMSNorm, apply_rotary, repeat_heads, rotary_at
+from .modeling import MaskPredictor, RMSNorm, apply_rotary, attend, rotary_at
 from .moe import StackedExperts, moe_grouped_swiglu
 from .registry import Architecture, hf_sizes, register
 
@@ -230,9 +230,7 @@ class _Attention(nn.Module):
         q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = self._rotate(q, cos, sin).transpose(1, 2), self._rotate(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        rep = self.n_heads // self.n_kv_heads
-        out = F.scaled_dot_product_attention(q, repeat_heads(keys, rep), repeat_heads(values, rep), attn_mask=bias)
+        out = attend(q, k, v, bias, past)
         return self.dense(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
 
 
