@@ -165,9 +165,7 @@ def validate_cache_graph(export_dir, model: LLaDAModel, *, dtype: str, device: s
     refresh, kv = cache.refresh(ids, mask, block, logits=True)
     step = cache.step(ids, mask, int(block[0, 0]), ids.shape[1], block, kv, logits=True)  # the tail, contiguous
     reference = model.float() if dtype != "fp32" else model
-    with torch.no_grad():
-        t = [torch.from_numpy(a).to(next(reference.parameters()).device) for a in (ids, mask, block)]
-        ref = reference(*t, always_mask=True).float().cpu().numpy()
+    ref = _torch_logits(reference, tail, block=False)
     errors = {name: np.abs(out.logits - ref) for name, out in (("refresh", refresh), ("step", step))}
     return _judge(errors, max(1.0, float(ref.std())), cache.manifest, quantized, "KV-cache graph", mean_tolerance)
 
@@ -205,10 +203,7 @@ def validate_block_cache(export_dir, model, *, dtype: str, device: str = "cpu", 
     ids, mask, b = every["input_ids"], every["attention_mask"], BLOCK_LENGTH
     pads = (mask == 0).sum(axis=1)
     cache = BlockCache(graph, mask, [int(p) + 2 * b for p in pads], b, graph.manifest.id("pad_token_id"))
-    reference = model.float() if dtype != "fp32" else model
-    with torch.no_grad():
-        t = [torch.from_numpy(a).to(next(reference.parameters()).device) for a in (ids, mask)]
-        ref = reference(*t, block_length=b).float().cpu().numpy()
+    ref = _torch_logits(model.float() if dtype != "fp32" else model, every, block=True)  # every position
     errors = {}
     for name, block in (("first", 0), ("cached", 1)):
         out = cache.step(ids, [0, 1], block, logits=True)

@@ -101,7 +101,7 @@ def verify(checkpoint_dir: str | Path, export_dir: str | Path, *, prompts: list[
     codec = TextCodec.from_export(manifest)
     ids, mask = with_padded_row(*codec.encode_batch(list(prompts or PROMPTS), chat=False),
                                 pad_id=manifest.id("pad_token_id"))
-    block = manifest.sampler == "block_diffusion"
+    block = manifest.block_diffusion
     options = {"block_length": LOGITS_BLOCK_LENGTH} if block else {"always_mask": True}
     cases = [Case(dict(settings)) for settings in (BLOCK_GRIDS if block else GRIDS)[grid]]
     dtype = TORCH_DTYPES[torch_dtype]
