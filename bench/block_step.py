@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .harness import machine, model_checkpoint, time_engines
+from .harness import engine_arguments, machine, model_checkpoint, time_engines
 from .report import ms_chart, save_report, table
 
 BLOCK = 32
@@ -134,20 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.block_step", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="bench/configs/llada2-mini.json", help="the LLaDA2 config.json to draw")
     p.add_argument("--n-layers", type=int, help="override the config's layer count")
-    p.add_argument("--export", action="append", default=[], help="an export directory to time (repeatable)")
-    p.add_argument("--provider", default="cuda")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--batches", default="1,4")
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--gen", type=int, default=256)
-    p.add_argument("--compile", default="default,reduce-overhead", help="torch.compile modes ('' for none)")
-    p.add_argument("--no-torch", action="store_true", help="time the exports only")
     p.add_argument("--tokens-per-step", default="2.6,5.3")
     p.add_argument("--measure-rate", help="an export whose sampler's tokens per step to report too")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--work", default=".bench")
-    p.add_argument("--out", default="bench/results/block-step")
+    engine_arguments(p, "bench/results/block-step")
     a = p.parse_args(argv)
     from llada_onnx.models import read_checkpoint_config
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .harness import machine, model_checkpoint, time_engines
+from .harness import engine_arguments, machine, model_checkpoint, time_engines
 from .report import ms_chart, save_report, table
 
 PROMPT, BLOCK = 64, 32
@@ -108,18 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.forward", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="moe-7b", help="benchmark model name (see bench.harness) for torch's side")
     p.add_argument("--config", help="config.json for --models 8b")
-    p.add_argument("--export", action="append", default=[], help="an export directory to time (repeatable)")
-    p.add_argument("--provider", default="cuda")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--batches", default="1,4")
     p.add_argument("--length", type=int, default=320)
-    p.add_argument("--compile", default="default,reduce-overhead",
-                   help="torch.compile modes, comma-separated ('' for none)")
-    p.add_argument("--no-torch", action="store_true", help="time the exports only")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--work", default=".bench")
-    p.add_argument("--out", default="bench/results/forward")
+    engine_arguments(p, "bench/results/forward")
     a = p.parse_args(argv)
     from llada_onnx.models import read_checkpoint_config
 

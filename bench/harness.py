@@ -165,6 +165,22 @@ class PeakRss:
         self.peak = max(self.peak, rss_mb())
 
 
+def engine_arguments(p, out: str) -> None:
+    """The arguments the engine-timing scripts share (exports, provider, batches, torch.compile modes, repetitions,
+    folders); ``out``: the default results folder."""
+    p.add_argument("--export", action="append", default=[], help="an export directory to time (repeatable)")
+    p.add_argument("--provider", default="cuda")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: its choice)")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--compile", default="default,reduce-overhead",
+                   help="torch.compile modes, comma-separated ('' for none)")
+    p.add_argument("--no-torch", action="store_true", help="time the exports only")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--work", default=".bench", help="where generated checkpoints are kept")
+    p.add_argument("--out", default=out, help="report.json, report.md and the chart go here")
+
+
 class Clock:
     """Accumulates the time spent inside the wrapped torch forward (after a device sync on CUDA)."""
 
