@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .session import GraphSession, StepOutput
+from .contract import StepOutput
+from .session import GraphSession
 
 
 class BlockCache:

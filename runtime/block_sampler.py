@@ -25,7 +25,8 @@ from .block_settings import BlockSettings
 from .errors import InputError
 from .noise import Noise
 from .sampler import CallRequest
-from .session import GraphSession, StepOutput
+from .contract import StepOutput
+from .session import GraphSession
 
 
 @dataclass

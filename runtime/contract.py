@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 FORMAT_VERSION = 3
 MANIFEST_FILE = "llada_onnx.json"
 
@@ -63,6 +65,23 @@ SUMMARIES = (
     Tensor("top_ids", "int64", ("batch", "count"), "argmax of the logits, the first index on ties"),
     Tensor("top_prob", "float32", ("batch", "count"), "softmax probability of top_ids, computed stably"),
 )
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """A sampler graph call's :data:`SUMMARIES` on the host (``logits`` only when the step asked for them)."""
+
+    top_ids: np.ndarray  # int64 [batch, count]
+    top_prob: np.ndarray  # float32 [batch, count]
+    logits: np.ndarray | None  # float32 [batch, count, vocab], only when asked for
+
+    def rows(self, index: list[int]) -> "StepOutput":
+        """The outputs of the rows ``index`` (itself when that is every row, in order)."""
+        if index == list(range(len(self.top_ids))):
+            return self
+        logits = None if self.logits is None else self.logits[index]
+        return StepOutput(self.top_ids[index], self.top_prob[index], logits)
+
 
 FORWARD = GraphKind(
     name="forward", file="model.onnx", since=2,

@@ -10,7 +10,6 @@ arrays onnxruntime returns are fed back as they are, without copies.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -19,9 +18,9 @@ import onnxruntime as ort
 from . import providers as _providers
 from .captured_steps import UNCAPTURED, CapturedSteps, PinnedCache
 from .errors import InputError
-from .contract import KV_CACHE
+from .contract import KV_CACHE, StepOutput
 from .manifest import Manifest
-from .session import PastInputs, StepOutput, check_graph, open_session, run_step
+from .session import PastInputs, check_graph, open_capturing_session, run_step
 
 Cache = list[Any]  # per layer keys then values [B, n_kv_heads, L, head_dim]: numpy arrays, OrtValues on CUDA
 
@@ -36,21 +35,10 @@ class KVCacheSession:
             raise InputError(f"{manifest.directory} has no KV-cache graph: re-export with `llada-onnx export "
                              "--cache` to use cache='prefix' or 'dual'")
         self.manifest = manifest
-        path, chosen = manifest.directory / manifest.cache_graph, _providers.resolve(provider, device_id)
-        graphs = cuda_graphs and chosen[0][0] == "CUDAExecutionProvider"
-        kwargs = dict(device_id=device_id, threads=threads, session_options=session_options,
-                      allow_fallback=allow_fallback)
-        try:
-            self.session, self.provider = open_session(
-                path, [(chosen[0][0], dict(chosen[0][1], enable_cuda_graph="1")), *chosen[1:]] if graphs else chosen,
-                **kwargs)
-        except Exception as e:  # onnxruntime's own error when a node cannot run inside a CUDA graph
-            if not graphs or "graph" not in str(e).lower():
-                raise
-            # onnxruntime refuses CUDA graphs when a node of the graph runs outside the CUDA provider.
-            warnings.warn(f"CUDA graphs are off for {path}: {e}", RuntimeWarning, stacklevel=2)
-            graphs = False
-            self.session, self.provider = open_session(path, chosen, **kwargs)
+        path = manifest.directory / manifest.cache_graph
+        self.session, self.provider, graphs = open_capturing_session(
+            path, provider, cuda_graphs=cuda_graphs, device_id=device_id, threads=threads,
+            session_options=session_options, allow_fallback=allow_fallback)
         sizes = manifest.sizes
         check_graph(self.session, KV_CACHE, sizes.n_layers, path)
         self._present = list(KV_CACHE.layer_output_names(sizes.n_layers))
@@ -58,10 +46,8 @@ class KVCacheSession:
         self._device_id = device_id
         self.past = PastInputs(self.session, list(KV_CACHE.layer_input_names(sizes.n_layers)), sizes,
                                device_id if self._device else None)
-        self._captured = None
-        if graphs and self._device:  # not when onnxruntime fell back to the CPU (allow_fallback)
-            self._captured = CapturedSteps(self.session, device_id, self.past.names, self._present, self.past.dims,
-                                           self.past.dtype, manifest.vocab_size)
+        self._captured = (CapturedSteps(self.session, device_id, self.past.names, self._present, self.past.dims,
+                                        manifest.vocab_size) if graphs else None)
 
     def refresh(self, canvas: np.ndarray, attention_mask: np.ndarray, window: np.ndarray,
                 *, logits: bool) -> tuple[StepOutput, Cache]:

@@ -20,7 +20,8 @@ from typing import Protocol
 import numpy as np
 
 from .kv_cache import Cache, KVCacheSession
-from .session import GraphSession, StepOutput
+from .contract import StepOutput
+from .session import GraphSession
 
 
 class ModelCall(Protocol):

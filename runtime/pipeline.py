@@ -26,10 +26,9 @@ from .text import Prompts, TextCodec
 class Pipeline:
     """One onnxruntime session and one tokenizer for an exported LLaDA model; build once, generate many times."""
 
-    def __init__(self, graph: GraphSession, *, cuda_graphs: bool = True):
+    def __init__(self, graph: GraphSession):
         self.graph = graph
         self.manifest = graph.manifest
-        self._cuda_graphs = cuda_graphs
 
     @classmethod
     def from_pretrained(cls, onnx_dir: str | Path | None = None, provider: ProviderSpec = "cpu", *,
@@ -40,18 +39,19 @@ class Pipeline:
 
         ``provider``: ``"cpu"``, ``"cuda"``, ``"dml"`` or an onnxruntime provider list. A provider this
         onnxruntime build lacks is an error unless ``allow_fallback`` (then a warning, and the CPU runs it).
-        ``cuda_graphs``: on CUDA, replay KV-cached steps as CUDA graphs (see :mod:`.captured_steps`).
+        ``cuda_graphs``: on CUDA, replay the exact sampler's forwards and KV-cached steps as CUDA graphs (see
+        :mod:`.captured_steps`).
         """
         manifest = Manifest.load(default_onnx_dir() if onnx_dir is None else onnx_dir)
-        graph = GraphSession(manifest, provider, device_id=device_id, threads=threads,
-                             session_options=session_options, allow_fallback=allow_fallback)
-        return cls(graph, cuda_graphs=cuda_graphs)
+        return cls(GraphSession(manifest, provider, device_id=device_id, threads=threads,
+                                session_options=session_options, allow_fallback=allow_fallback,
+                                cuda_graphs=cuda_graphs))
 
     @cached_property
     def kv_cache(self) -> KVCacheSession:
         """The export's KV-cache graph (``--cache`` exports), opened on first use the way the forward graph was
-        (provider, device, threads, options), however the Pipeline was built."""
-        return KVCacheSession(self.manifest, cuda_graphs=self._cuda_graphs, **self.graph.opened_with)
+        (provider, device, threads, options, CUDA graphs), however the Pipeline was built."""
+        return KVCacheSession(self.manifest, **self.graph.opened_with)
 
     @cached_property
     def codec(self) -> TextCodec:

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from .noise import Noise
-from .session import StepOutput
+from .contract import StepOutput
 from .settings import SamplerSettings, suppressed_confidence_ids
 
 

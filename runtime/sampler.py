@@ -25,7 +25,8 @@ from .noise import Noise
 from .manifest import Manifest
 from .policies import CommitRule, commit_rule
 from .proposal import LLaDAProposal, Proposal
-from .session import GraphSession, StepOutput
+from .contract import StepOutput
+from .session import GraphSession
 from .settings import SamplerSettings, window_start
 
 

@@ -2,12 +2,13 @@
 
 The sampler asks for the window of positions it can commit and, on the greedy ``low_confidence`` path, only for
 ``top_ids``/``top_prob``. On CUDA the call goes through IOBinding: ``logits`` stays in device memory unless the
-step needs it, and only the two ``[batch, count]`` summaries cross to the host.
+step needs it, and only the two ``[batch, count]`` summaries cross to the host, and the exact sampler's full
+forwards are replayed as CUDA graphs (:mod:`.captured_steps`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +16,10 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as _providers
-from .contract import GRAPH_KINDS, GraphKind, ModelSizes
+from .captured_steps import UNCAPTURED, CapturedSteps
+from .contract import GRAPH_KINDS, GraphKind, ModelSizes, StepOutput
 from .errors import LladaOnnxError, NotAnExportError
 from .manifest import Manifest
-
-
-@dataclass
-class StepOutput:
-    top_ids: np.ndarray  # int64 [batch, count]
-    top_prob: np.ndarray  # float32 [batch, count]
-    logits: np.ndarray | None  # float32 [batch, count, vocab], only when asked for
-
-    def rows(self, index: list[int]) -> "StepOutput":
-        """The outputs of the rows ``index`` (itself when that is every row, in order)."""
-        if index == list(range(len(self.top_ids))):
-            return self
-        logits = None if self.logits is None else self.logits[index]
-        return StepOutput(self.top_ids[index], self.top_prob[index], logits)
 
 
 def open_session(path: Path, provider: _providers.ProviderSpec, *, device_id: int, threads: int | None,
@@ -47,6 +35,25 @@ def open_session(path: Path, provider: _providers.ProviderSpec, *, device_id: in
             raise
         raise known from None
     return session, _providers.check_active(session, chosen[0][0], allow_fallback)
+
+
+def open_capturing_session(path: Path, provider: _providers.ProviderSpec, *, cuda_graphs: bool, device_id: int,
+                           **kwargs) -> tuple[ort.InferenceSession, str, bool]:
+    """:func:`open_session`, with onnxruntime's ``enable_cuda_graph`` when ``cuda_graphs`` and the provider is
+    CUDA; the third value says whether the session can capture. onnxruntime refuses CUDA graphs when a node of the
+    graph runs outside the CUDA provider: the session is then opened without them (with a warning)."""
+    chosen = _providers.resolve(provider, device_id)
+    if not (cuda_graphs and chosen[0][0] == "CUDAExecutionProvider"):
+        return (*open_session(path, chosen, device_id=device_id, **kwargs), False)
+    try:
+        session, active = open_session(path, [(chosen[0][0], dict(chosen[0][1], enable_cuda_graph="1")),
+                                              *chosen[1:]], device_id=device_id, **kwargs)
+    except Exception as e:  # onnxruntime's own error when a node cannot run inside a CUDA graph
+        if "graph" not in str(e).lower():
+            raise
+        warnings.warn(f"CUDA graphs are off for {path}: {e}", RuntimeWarning, stacklevel=3)
+        return (*open_session(path, chosen, device_id=device_id, **kwargs), False)
+    return session, active, active == "CUDAExecutionProvider"  # not when onnxruntime fell back (allow_fallback)
 
 
 # What onnxruntime says when it loads a graph, told apart by its message: onnxruntime has no finer error types.
@@ -125,25 +132,35 @@ class PastInputs:
 
 
 class GraphSession:
-    """An exported LLaDA graph in onnxruntime; build it once and call :meth:`run` every step."""
+    """An exported LLaDA graph in onnxruntime; build it once and call :meth:`run` every step.
+
+    ``cuda_graphs``: on the CUDA provider, replay full forwards of up to ``MAX_CAPTURED_TOKENS`` asked positions
+    as CUDA graphs (:mod:`.captured_steps`); a block-diffusion graph, whose past grows with every block, runs
+    uncaptured."""
 
     def __init__(self, manifest: Manifest, provider: _providers.ProviderSpec = "cpu", *, device_id: int = 0,
                  threads: int | None = None, session_options: ort.SessionOptions | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, cuda_graphs: bool = True):
         self.manifest = manifest
         # How the session was opened: the export's other graphs open the same way (see Pipeline.kv_cache).
         self.opened_with = dict(provider=provider, device_id=device_id, threads=threads,
-                                session_options=session_options, allow_fallback=allow_fallback)
-        self.session, self.provider = open_session(manifest.graph_path, provider, device_id=device_id,
-                                                   threads=threads, session_options=session_options,
-                                                   allow_fallback=allow_fallback)
+                                session_options=session_options, allow_fallback=allow_fallback,
+                                cuda_graphs=cuda_graphs)
+        requested = _providers.resolve(provider, device_id)[0][0]
+        check_moe_kernel(manifest, requested)  # before any session is opened for a graph that would be refused
+        self.session, self.provider, captures = open_capturing_session(
+            manifest.graph_path, provider, cuda_graphs=cuda_graphs and not manifest.block_diffusion,
+            device_id=device_id, threads=threads, session_options=session_options, allow_fallback=allow_fallback)
+        if self.provider != requested:  # onnxruntime fell back (allow_fallback)
+            check_moe_kernel(manifest, self.provider)
         kind, n_layers = GRAPH_KINDS[manifest.main_kind], manifest.sizes.n_layers
         check_graph(self.session, kind, n_layers, manifest.graph_path)
-        check_moe_kernel(manifest, self.provider)
         self._device = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(self.provider)
         self._device_id = device_id
         self._present = kind.layer_output_names(n_layers)
         self.past = PastInputs(self.session, list(kind.layer_input_names(n_layers)), manifest.sizes, self._cuda)
+        self._captured = (CapturedSteps(self.session, device_id, [], [], self.past.dims, manifest.vocab_size)
+                          if captures else None)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
             *, logits: bool = False, block_length: int | None = None) -> StepOutput:
@@ -154,7 +171,12 @@ class GraphSession:
             return self.run_block(input_ids, attention_mask, positions, block_length, nothing,
                                   self.past.empty(len(input_ids)), logits=logits, presents=False)[0]
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}
-        return run_step(self.session, feeds, logits=logits, cuda_device=self._cuda)[0]
+        if self._captured and self._captured.captures(positions.shape[1]):
+            out = self._captured.forward(feeds, logits)
+            if out is not None:
+                return out
+        return run_step(self.session, feeds, logits=logits, cuda_device=self._cuda,
+                        run_options=UNCAPTURED if self._captured else None)[0]
 
     def run_block(self, input_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
                   block_length: int, cached_mask: np.ndarray, past: list[Any], *, logits: bool,

@@ -10,7 +10,7 @@ from llada_onnx.runtime.model_calls import CachedForward, FullForward
 from llada_onnx.runtime.noise import Noise
 from llada_onnx.runtime.policies import Factor, Scheduled, Threshold, commit_rule
 from llada_onnx.runtime.proposal import LLaDAProposal, softmax_at
-from llada_onnx.runtime.session import StepOutput
+from llada_onnx.runtime.contract import StepOutput
 from llada_onnx.runtime.settings import SamplerSettings
 
 from vectors import RuleGraph

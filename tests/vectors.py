@@ -14,7 +14,7 @@ import torch
 
 from llada_onnx.runtime.manifest import ID_FIELDS
 from llada_onnx.runtime.proposal import softmax_at
-from llada_onnx.runtime.session import StepOutput
+from llada_onnx.runtime.contract import StepOutput
 
 VOCAB, MASK, EOS, EOT, PAD, BOS = 12, 11, 10, 9, 10, 8
 IDS = dict(zip(ID_FIELDS, (MASK, EOS, EOT, BOS, PAD)))

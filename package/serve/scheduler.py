@@ -31,7 +31,7 @@ from ..runtime.block_sampler import BlockRun
 from ..runtime.errors import LladaOnnxError
 from ..runtime.pipeline import Pipeline
 from ..runtime.sampler import SamplerRun, StepInfo, model_call
-from ..runtime.session import StepOutput
+from ..runtime.contract import StepOutput
 
 
 class QueueFull(LladaOnnxError, RuntimeError):
