@@ -25,6 +25,7 @@ from ..models.modeling import LLaDAModel
 from ..runtime.contract import BLOCK_FORWARD
 from ..runtime.errors import LladaOnnxError
 from ..runtime.manifest import Manifest
+from ..runtime.providers import resolve
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 0.99
@@ -70,7 +71,7 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
     if provider not in ort.get_available_providers():
         raise ValidationError(f"validation needs onnxruntime's {provider}, which this install lacks "
                               f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use --no-validate")
-    session = ort.InferenceSession(str(manifest.graph_path), providers=[provider])
+    session = ort.InferenceSession(str(manifest.graph_path), providers=resolve(device))
     block = manifest.main_kind == BLOCK_FORWARD.name
     inputs = validation_inputs(manifest)
     by_mean = dtype != "fp32" and bool(manifest.raw.get("moe")) and not quantized
@@ -219,7 +220,13 @@ def validate_against_float(quantized_dir, float_dir, *, device: str = "cpu") -> 
 
     quantized, reference = Manifest.load(quantized_dir), Manifest.load(float_dir)
     provider = PROVIDERS[device]
-    sessions = [ort.InferenceSession(str(m.graph_path), providers=[provider]) for m in (quantized, reference)]
+    # onnxruntime maps an external weight file into memory and reads it in place, unless a kernel pre-packs the
+    # weight, which copies it: the float graph, the largest thing here (65 GB for LLaDA2-mini in fp32), is run
+    # unpacked, so validating costs the quantized graph's memory and not the float graph's as well.
+    unpacked = ort.SessionOptions()
+    unpacked.add_session_config_entry("session.disable_prepacking", "1")
+    sessions = [ort.InferenceSession(str(quantized.graph_path), providers=resolve(device)),
+                ort.InferenceSession(str(reference.graph_path), unpacked, providers=resolve(device))]
     same, diffs, prob_diff, scale, finite = [], [], 0.0, 1.0, True
     for feeds in validation_inputs(reference):
         (logits, top_ids, top_prob), (ref_logits, ref_ids, ref_prob) = (

@@ -48,6 +48,11 @@ def resolve(provider: ProviderSpec, device_id: int = 0,
                 f"(available: {', '.join(available)}); it comes with {brings}")
         if name in ("CUDAExecutionProvider", "DmlExecutionProvider", "TensorrtExecutionProvider"):
             options.setdefault("device_id", device_id)
+        if name == "CUDAExecutionProvider":
+            # onnxruntime's CUDA provider runs float32 matrix products in TF32 (10-bit mantissa) unless told
+            # otherwise; torch does not by default. An fp32 export is chosen for exactness, and the fp16 ones keep
+            # their routers in float32: both are computed as torch computes them.
+            options.setdefault("use_tf32", 0)
         resolved.append((name, options))
     if resolved[-1][0] != "CPUExecutionProvider":
         resolved.append(("CPUExecutionProvider", {}))  # for the few nodes a GPU provider leaves to the CPU

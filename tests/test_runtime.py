@@ -196,10 +196,10 @@ def test_missing_provider_names_package():
     with pytest.raises(ProviderUnavailableError, match="DmlExecutionProvider.*onnxruntime-directml"):
         providers.resolve("dml", available=["CPUExecutionProvider"])
     got = providers.resolve("cuda", device_id=1, available=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert got == [("CUDAExecutionProvider", {"device_id": 1}), ("CPUExecutionProvider", {})]
+    assert got == [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), ("CPUExecutionProvider", {})]
     assert providers.resolve([("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})],
                              available=["CUDAExecutionProvider", "CPUExecutionProvider"])[0][1] == \
-        {"arena_extend_strategy": "kSameAsRequested", "device_id": 0}
+        {"arena_extend_strategy": "kSameAsRequested", "device_id": 0, "use_tf32": 0}
 
 
 def test_directml_session_options():
