@@ -10,7 +10,7 @@ predicts the positions of one 32-token block, as a step of the sampler does:
 - torch.compile of that call, once per ``--compile`` mode (``dynamic=False``; a mode that fails to compile is
   reported with its error instead of a time);
 - the runtime: each ``--export``'s graph through ``GraphSession.run``, the sampler's own call (inputs bound on the
-  device on CUDA).
+  device on CUDA), there both replayed as a CUDA graph (the default) and launched kernel by kernel.
 
 Engines alternate round by round; medians of ``--reps`` after ``--warmup`` calls. Writes ``report.json``,
 ``report.md`` and ``forward.png`` to ``--out``.
@@ -56,13 +56,17 @@ def torch_calls(ckpt: Path, device: str, modes: list[str]) -> dict:
 
 
 def runtime_calls(exports: list[Path], provider: str, threads: int | None) -> dict:
+    """``{engine name: fn(ids, mask, block)}`` per export; on CUDA each twice, replayed as a CUDA graph (the
+    runtime's default) and run kernel by kernel."""
     from llada_onnx.runtime import Pipeline
 
     calls = {}
     for export in exports:
-        pipe = Pipeline.from_pretrained(export, provider=provider, threads=threads)
-        name = f"llada-onnx {pipe.manifest.variant} {pipe.manifest.dtype} ({export.name})"
-        calls[name] = lambda ids, mask, block, graph=pipe.graph: graph.run(ids, mask, block)
+        for graphs in (True, False) if provider == "cuda" else (False,):
+            pipe = Pipeline.from_pretrained(export, provider=provider, threads=threads, cuda_graphs=graphs)
+            name = f"llada-onnx {pipe.manifest.variant} {pipe.manifest.dtype} ({export.name})"
+            name += ", CUDA graph" if graphs else (", no CUDA graph" if provider == "cuda" else "")
+            calls[name] = lambda ids, mask, block, graph=pipe.graph: graph.run(ids, mask, block)
     return calls
 
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# LLaDA-8B's shape (random bf16 weights, bench/configs/llada-8b.json) on the GPU machine against torch eager and
+# torch.compile: the figures of docs/benchmarks.md's "GPU: against torch.compile", from the repository root:
+#
+#     PYTHONPATH=<onnxruntime-gpu>:<project> bash bench/llada_8b_gpu.sh [STAGE ...]
+#
+# Stages, in the order given (default: all four):
+#   checkpoint  draw the checkpoint into $WORK (16 GB)
+#   export      fp16 `--fusion ort` export for CUDA (unvalidated: the same graph as the validated 8B exports; only
+#               how the runtime launches it is measured here)
+#   forward     one exact-sampler forward, canvas 320, batch 1 and 4 (bench.forward): torch bf16 eager,
+#               torch.compile (default, reduce-overhead), the runtime replayed as a CUDA graph and kernel by kernel
+#   run         whole generations (gen 256, 256 steps, block 32; bench.run): tokens/s against torch eager and
+#               torch.compile (reduce-overhead)
+# Logs: $WORK/8b-STAGE.log.
+set -uo pipefail
+W=${WORK:-.bench}; R=${RESULTS:-bench/results}; C=${CONFIG:-bench/configs/llada-8b.json}; M=$W/8b
+log() { echo "== $(date +%T) $*"; }
+timed() { if [ -x /usr/bin/time ]; then /usr/bin/time -f "   [time] %e s wall, peak RSS %M KB" "$@"; else "$@"; fi; }
+
+checkpoint() {
+  timed python3 -c "from pathlib import Path; from bench.harness import model_checkpoint; model_checkpoint('8b', Path('$W'), '$C')"
+}
+
+export_fp16() {
+  timed llada-onnx export $M/checkpoint $M/onnx-fp16-ort --dtype fp16 --device cuda --fusion ort --no-validate --force
+}
+
+forward() {
+  python3 -m bench.forward --models 8b --config $C --work $W --export $M/onnx-fp16-ort --provider cuda --batches 1,4 \
+      --compile default,reduce-overhead --out $R/gpu-h200-8b-forward
+}
+
+run() {
+  python3 -m bench.run --models 8b --config $C --work $W --provider cuda --fusion ort --settings 256 --batches 1 \
+      --reps 2 --compile reduce-overhead --out $R/gpu-h200-8b-run
+}
+
+mkdir -p $W $R
+for stage in "${@:-checkpoint export forward run}"; do
+  for s in $stage; do
+    f=$s; [ $s = export ] && f=export_fp16
+    log "$s"; $f > $W/8b-$s.log 2>&1; rc=$?; tail -n 30 $W/8b-$s.log
+    [ $rc = 0 ] || { log "$s failed ($rc)"; exit $rc; }
+  done
+done
+log done
