@@ -4,11 +4,14 @@
 #
 #     GPU_PYTHONPATH=... CPU_PYTHONPATH=... bash bench/llada2_real_shape.sh [STAGE ...]
 #
-# Stages, in the order given (default: all four):
+# Stages, in the order given (default: all five):
 #   checkpoint  draw the checkpoint into $WORK (31 GB; on the GPU when there is one)
 #   int4        the user's `llada-onnx export CKPT OUT --quantize int4` into $WORK, traced on the GPU in fp32 with
 #               the 65 GB float graph in --scratch $FAST (memory), validated on the CPU provider
-#   gpu         fp16 export for CUDA into $FAST -> the block step and the full forward against
+#   quantize    the other way to int4: an fp32 export (65 GB, into $FAST; quantized experts need fp32; not
+#               validated here, the int4 stage validates the same trace) -> `llada-onnx quantize` into $WORK,
+#               validated against it on the CPU provider; the fp32 export is deleted afterwards
+#   gpu         fp16 export for CUDA into $FAST, validated there -> the block step and the full forward against
 #               torch bf16 eager and torch.compile (bench.block_step); the fp16 export is deleted afterwards
 #   cpu         the int4 export's block step on $THREADS cores -> `llada-onnx chat --threshold 0.95`
 # One stage at a time, so that each fits the one-GPU machine (128 GB of memory, 64 GB of disk) and no timing shares
@@ -36,12 +39,21 @@ int4() {
   du -sh $M/onnx-int4; ls -l $M/onnx-int4; ls -A $F
 }
 
+quantize() {
+  export PYTHONPATH=${CPU_PYTHONPATH:-${PYTHONPATH:-}}
+  local device=cpu; cuda && device=cuda
+  timed llada-onnx export $CKPT $F/onnx-fp32 --device $device --no-validate --force || return 1
+  du -sh $F/onnx-fp32
+  timed llada-onnx quantize $F/onnx-fp32 $M/onnx-int4-quantized --quantize int4 --force || return 1
+  du -sh $M/onnx-int4-quantized; cat $M/onnx-int4-quantized/validation.json
+  rm -rf $F/onnx-fp32
+}
+
 gpu() {
   export PYTHONPATH=${GPU_PYTHONPATH:-${PYTHONPATH:-}}
   cuda || { log no CUDA device: no gpu stage; return 0; }
-  # Unvalidated: with random weights, 20 layers of half precision lose most of the fp32 output in torch as in
-  # onnxruntime, so the comparison cannot judge the graph (docs/benchmarks.md).
-  timed llada-onnx export $CKPT $F/onnx-fp16 --dtype fp16 --device cuda --force --no-validate || return 1
+  timed llada-onnx export $CKPT $F/onnx-fp16 --dtype fp16 --device cuda --force || return 1
+  cat $F/onnx-fp16/validation.json
   du -sh $F/onnx-fp16
   python3 -m bench.block_step --config $C --work $W --export $F/onnx-fp16 --provider cuda --batches 1,4 \
       --compile ${COMPILE:-default,reduce-overhead} --out $R/gpu-h200-$N-block-step
@@ -58,7 +70,7 @@ cpu() {
 }
 
 mkdir -p $M $F $R
-for stage in "${@:-checkpoint int4 gpu cpu}"; do
+for stage in "${@:-checkpoint int4 quantize gpu cpu}"; do
   for s in $stage; do
     log "$s"; $s > $W/llada2-$s.log 2>&1; rc=$?; tail -n 25 $W/llada2-$s.log
     [ $rc = 0 ] || { log "$s failed ($rc)"; exit $rc; }
