@@ -111,18 +111,25 @@ def graphed_and_plain(tiny_cache_onnx):
             Pipeline.from_pretrained(tiny_cache_onnx, provider="cuda", cuda_graphs=False))
 
 
-@pytest.mark.parametrize("options", [dict(cache="dual"), dict(cache="dual", threshold=0.7),
+@pytest.mark.parametrize("options", [{}, dict(threshold=0.7), dict(temperature=0.8, seed=2),
+                                     dict(remasking="random", seed=4), dict(cfg_scale=1.5),
+                                     dict(cache="dual"), dict(cache="dual", threshold=0.7),
                                      dict(cache="prefix", factor=1.0), dict(cache="dual", temperature=0.8, seed=2),
                                      dict(cache="dual", refresh_every=3)], ids=str)
-def test_cuda_graph_steps_are_token_exact_with_uncaptured_steps(graphed_and_plain, options):
-    """Replayed CUDA graphs compute what ordinary runs compute, over shapes, head widths and refreshes."""
+def test_cuda_graphs_are_token_exact_with_uncaptured_runs(graphed_and_plain, options):
+    """Replayed CUDA graphs compute what ordinary runs compute, over batch sizes: the exact sampler's full forwards
+    (windows that narrow step by step: the head's rows are padded, not re-captured; logits fetches) and KV-cached
+    steps (head widths, refreshes)."""
     graphed, plain = graphed_and_plain
     for batch, seed in ((1, 5), (3, 6)):
         ids, mask = prompts(batch, seed=seed)
         kw = dict(gen_length=16, block_length=8, steps=16, **options)
         np.testing.assert_array_equal(graphed.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
-    captured = graphed.kv_cache._captured
-    assert captured is not None and captured.graphs and plain.kv_cache._captured is None
+    graphed_session, plain_session = (p.kv_cache if "cache" in options else p.graph for p in (graphed, plain))
+    captured = graphed_session._captured
+    assert captured is not None and captured.graphs and plain_session._captured is None
+    if "cache" not in options:
+        assert {rows for _, _, rows in captured.graphs} == {32}  # one graph per canvas shape, whatever the window
 
 
 def test_cuda_graph_step_outputs_match_an_uncaptured_step(graphed_and_plain):
@@ -166,21 +173,6 @@ def test_cuda_graphs_beyond_the_pinned_shapes_run_uncaptured(tiny_cache_onnx, mo
         np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
     assert [key[0] for key in pipe.graph._captured.graphs] == [1]
 
-
-
-@pytest.mark.parametrize("options", [{}, dict(threshold=0.7), dict(temperature=0.8, seed=2),
-                                     dict(remasking="random", seed=4), dict(cfg_scale=1.5)], ids=str)
-def test_cuda_graph_forwards_are_token_exact_with_uncaptured_forwards(graphed_and_plain, options):
-    """The exact sampler's full forwards replayed as CUDA graphs give the uncaptured run's tokens, over batch
-    sizes, windows that narrow step by step (the head's rows are padded, not re-captured) and logits fetches."""
-    graphed, plain = graphed_and_plain
-    for batch, seed in ((1, 5), (3, 6)):
-        ids, mask = prompts(batch, seed=seed)
-        kw = dict(gen_length=16, block_length=8, steps=16, **options)
-        np.testing.assert_array_equal(graphed.generate_ids(ids, mask, **kw), plain.generate_ids(ids, mask, **kw))
-    captured = graphed.graph._captured
-    assert captured is not None and plain.graph._captured is None
-    assert {rows for _, _, rows in captured.graphs} == {32}  # one graph per canvas shape, whatever the window
 
 
 def test_cuda_graph_forward_outputs_match_an_uncaptured_forward(graphed_and_plain):
