@@ -24,6 +24,7 @@ not by launches (at the 8B shape it costs more than a full forward).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,10 @@ class _Graph:
 
 class CapturedSteps:
     """The pinned buffers and captured graphs of one ``enable_cuda_graph`` session: the cached steps of a KV-cache
-    graph (``past``/``present``: its per-layer inputs and outputs) or the full forwards of a forward graph (none)."""
+    graph (``past``/``present``: its per-layer inputs and outputs) or the full forwards of a forward graph (none).
+
+    A replay writes its inputs into the graph's buffers and reads its outputs back: one call at a time (a lock), so
+    threads sharing a Pipeline take turns instead of overwriting each other's inputs."""
 
     def __init__(self, session: ort.InferenceSession, device_id: int, past: list[str], present: list[str],
                  dims: tuple[int, int], vocab_size: int):
@@ -73,6 +77,7 @@ class CapturedSteps:
         self.dtype = np.float16 if logits.type == "tensor(float16)" else np.float32  # the graph's: cache, logits
         self.caches: dict[tuple[int, int], PinnedCache] = {}
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._lock = threading.Lock()
 
     def _device(self, shape: tuple[int, ...], dtype) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
@@ -91,7 +96,7 @@ class CapturedSteps:
     def captures(fed: int) -> bool:
         """Whether a call feeding (or asking for) ``fed`` tokens is replayed as a graph (else it runs as an
         ordinary call)."""
-        return fed <= MAX_CAPTURED_TOKENS
+        return 0 < fed <= MAX_CAPTURED_TOKENS
 
     def step(self, feeds: dict[str, np.ndarray], cache: PinnedCache, logits: bool) -> StepOutput:
         """Replay (or, on a shape's first runs, capture) the cached step; ``feeds["head_index"]`` may be narrower
@@ -106,7 +111,7 @@ class CapturedSteps:
         batch, length = feeds["input_ids"].shape
         rows = max(MIN_HEAD_ROWS, 1 << (feeds["positions"].shape[1] - 1).bit_length())
         key = (batch, length, rows)
-        if key not in self.graphs and len(self.graphs) == MAX_SHAPES:
+        if key not in self.graphs and len(self.graphs) >= MAX_SHAPES:
             return None
         return self._replay(key, feeds, "positions", [], logits)
 
@@ -116,13 +121,14 @@ class CapturedSteps:
         padded to the key's rows (repeating its last position) and the outputs cut back to the asked rows."""
         rows, count = key[2], feeds[index].shape[1]
         feeds = dict(feeds, **{index: np.pad(feeds[index], ((0, 0), (0, rows - count)), mode="edge")})
-        graph = self.graphs.get(key) or self._new_graph(key, feeds, past)
-        for name, value in feeds.items():
-            graph.inputs[name].update_inplace(np.ascontiguousarray(value))
-        self.session.run_with_iobinding(graph.binding, graph.run_options)
-        out = graph.outputs
-        full = out["logits"].numpy()[:, :count].astype(np.float32) if logits else None
-        return StepOutput(out["top_ids"].numpy()[:, :count], out["top_prob"].numpy()[:, :count], full)
+        with self._lock:
+            graph = self.graphs.get(key) or self._new_graph(key, feeds, past)
+            for name, value in feeds.items():
+                graph.inputs[name].update_inplace(np.ascontiguousarray(value))
+            self.session.run_with_iobinding(graph.binding, graph.run_options)
+            out = graph.outputs
+            full = out["logits"].numpy()[:, :count].astype(np.float32) if logits else None
+            return StepOutput(out["top_ids"].numpy()[:, :count], out["top_prob"].numpy()[:, :count], full)
 
     def _new_graph(self, key: tuple[int, int, int], feeds: dict[str, np.ndarray], past: list[Any]) -> _Graph:
         """Fixed device buffers, bound once, for a new shape and its own graph id."""
