@@ -2,8 +2,8 @@
 
 The sampler asks for the window of positions it can commit and, on the greedy ``low_confidence`` path, only for
 ``top_ids``/``top_prob``. On CUDA the call goes through IOBinding: ``logits`` stays in device memory unless the
-step needs it, and only the two ``[batch, count]`` summaries cross to the host, and the exact sampler's full
-forwards are replayed as CUDA graphs (:mod:`.captured_steps`).
+step needs it, and only the two ``[batch, count]`` summaries cross to the host; the exact sampler's full forwards
+are replayed as CUDA graphs (:mod:`.captured_steps`).
 """
 
 from __future__ import annotations
