@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# LLaDA-8B's shape (random bf16 weights, bench/configs/llada-8b.json) on the GPU machine against torch eager and
-# torch.compile: the figures of docs/benchmarks.md's "GPU: against torch.compile", from the repository root:
+# LLaDA-8B's shape (random bf16 weights; bench/configs/llada-8b-instruct/config.json, the official config) on the
+# GPU machine against torch eager and torch.compile: the figures of docs/benchmarks.md's "GPU: against
+# torch.compile", from the repository root:
 #
 #     PYTHONPATH=<onnxruntime-gpu>:<project> bash bench/llada_8b_gpu.sh [STAGE ...]
 #
@@ -14,7 +15,7 @@
 #               torch.compile (reduce-overhead)
 # Logs: $WORK/8b-STAGE.log.
 set -uo pipefail
-W=${WORK:-.bench}; R=${RESULTS:-bench/results}; C=${CONFIG:-bench/configs/llada-8b.json}; M=$W/8b
+W=${WORK:-.bench}; R=${RESULTS:-bench/results}; C=${CONFIG:-bench/configs/llada-8b-instruct/config.json}; M=$W/8b
 log() { echo "== $(date +%T) $*"; }
 timed() { if [ -x /usr/bin/time ]; then /usr/bin/time -f "   [time] %e s wall, peak RSS %M KB" "$@"; else "$@"; fi; }
 

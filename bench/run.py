@@ -1,7 +1,7 @@
 """The exact sampler's benchmark: the torch reference sampler vs the llada-onnx runtime, in one process and run.
 
     python -m bench.run                                    # CPU: tiny + ~100M models, the standard settings
-    python -m bench.run --models 8b --provider cuda --config ../shared/reference/llada-8b-instruct/config.json \
+    python -m bench.run --models 8b --provider cuda --config bench/configs/llada-8b-instruct/config.json \
         --compile default,reduce-overhead
     python -m bench.run --models tiny --settings 16 --batches 1 --reps 2 --out /tmp/smoke   # the CI smoke test
 

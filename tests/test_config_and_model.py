@@ -13,7 +13,7 @@ from llada_onnx.models import (CheckpointError, LLaDAConfig, LLaDAModel, Unsuppo
                                make_tiny_model)
 from llada_onnx.models.modeling import apply_rotary, rotary_tables
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "llada-8b-instruct"
+REFERENCE = Path(__file__).resolve().parents[1] / "bench" / "configs" / "llada-8b-instruct"  # the official files
 
 
 def official_config() -> dict:
@@ -21,7 +21,6 @@ def official_config() -> dict:
             "mlp_hidden_size": 128, "vocab_size": 300, "embedding_size": 300, "rope": True}
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="needs ../shared/reference (the official 8B config files) beside the checkout")
 def test_reads_the_real_8b_config_and_ids():
     cfg = LLaDAConfig.from_pretrained(REFERENCE)
     assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers) == (4096, 32, 32, 32)
