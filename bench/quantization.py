@@ -5,8 +5,9 @@
     python -m bench.quantization --models 8b --config config.json --variants fp16,fp16-int4-b32 --fusion ort \\
         --provider cuda
 
-Variants are ``DTYPE[-METHOD[-bBLOCK]][-keephead]``: ``fp32``, ``fp32-int8``, ``fp32-int4-b32``, ``fp32-int4-b128``,
-``fp16-int4-b32``, ... Each is made once under ``--work``: quantized from the float export of the same dtype when
+Variants are ``DTYPE[-METHOD[-bBLOCK]][-keephead][-accN]``: ``fp32``, ``fp32-int8``, ``fp32-int4-b32``,
+``fp32-int4-b128``, ``fp16-int4-b32``, ``fp32-int4-b32-acc4`` (``MatMulNBits`` computing in int8: AVX-512 VNNI / AMX),
+... Each is made once under ``--work``: quantized from the float export of the same dtype when
 that is on disk (``llada-onnx quantize``), else exported from the checkpoint with ``--quantize`` (validation on).
 Then, per variant:
 
@@ -42,19 +43,22 @@ PROMPT, GEN, BLOCK = 64, 256, 32
 
 
 def parse_variant(name: str):
-    """``fp32-int4-b128-keephead`` -> ("fp32", Quantization("int4", block_size=128, keep_head=True))."""
+    """``fp32-int4-b128-keephead-acc4`` -> ("fp32", Quantization("int4", block_size=128, accuracy_level=4,
+    keep_head=True))."""
     from llada_onnx.export import Quantization
 
     parts = name.split("-")
     dtype = parts.pop(0)
     keep = "keephead" in parts
-    parts = [p for p in parts if p != "keephead"]
+    level = next((int(p[3:]) for p in parts if p.startswith("acc") and p[3:].isdigit()), 0)
+    parts = [p for p in parts if p != "keephead" and not p.startswith("acc")]
     if dtype not in ("fp32", "fp16") or len(parts) > 2 or (parts and parts[0] not in ("int8", "int4")):
-        raise SystemExit(f"bad variant {name!r}: use DTYPE[-int8|-int4[-bBLOCK]][-keephead], e.g. fp32-int4-b32")
+        raise SystemExit(f"bad variant {name!r}: use DTYPE[-int8|-int4[-bBLOCK]][-keephead][-accN], e.g. "
+                         "fp32-int4-b32")
     if not parts:
         return dtype, Quantization()
     block = int(parts[1][1:]) if len(parts) == 2 else 32
-    return dtype, Quantization(parts[0], block_size=block, keep_head=keep)
+    return dtype, Quantization(parts[0], block_size=block, accuracy_level=level, keep_head=keep)
 
 
 def prepare(name: str, variant: str, ckpt: Path, work: Path, fusion: str, provider: str) -> Path:
@@ -68,7 +72,8 @@ def prepare(name: str, variant: str, ckpt: Path, work: Path, fusion: str, provid
     float_dir = base / f"onnx-{dtype}-{fusion}"  # the name bench.run gives the same export
     if name == "default" and dtype == "fp32" and fusion == "none":
         float_dir = default_onnx_dir()
-    out = float_dir if quantization.method == "none" else base / f"onnx-{dtype}-{fusion}-{quantization.variant}"
+    level = f"-acc{quantization.accuracy_level}" if quantization.accuracy_level else ""
+    out = float_dir if quantization.method == "none" else base / f"onnx-{dtype}-{fusion}-{quantization.variant}{level}"
     if (out / "llada_onnx.json").is_file():
         return out
     print(f"[bench] making {name} {variant} in {out}", file=sys.stderr)
