@@ -147,6 +147,24 @@ def test_errors(tmp_path, tiny_ckpt):
     assert not any(tmp_path.iterdir())
 
 
+def test_int8_that_would_not_fit_in_memory_is_refused_before_it_starts(tmp_path, tiny_ckpt, tiny_onnx, monkeypatch):
+    """quantize_dynamic holds the float graph several times over: with less memory available than that, export
+    and quantize refuse in one line (naming int4) instead of being killed half-way; nothing is written."""
+    from llada_onnx.export import quantize
+    from llada_onnx.export.quantize import QuantizationError, quantize_export
+
+    graph = sum(f.stat().st_size for f in tiny_onnx.glob("*.data"))
+    monkeypatch.setattr(quantize, "available_memory", lambda: 2 * graph)
+    with pytest.raises(QuantizationError, match=r"int8 quantization needs about .* GB of memory.*--quantize int4"):
+        quantize_export(tiny_onnx, tmp_path / "q", Quantization("int8"), progress=False)
+    with pytest.raises(QuantizationError, match="--quantize int4"):
+        export(tiny_ckpt, tmp_path / "e", progress=False, quantization=Quantization("int8"))
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setattr(quantize, "available_memory", lambda: 8 * graph)  # enough for the quantizer alone
+    quantize_export(tiny_onnx, tmp_path / "q", Quantization("int8"), progress=False, validate=False)
+    assert Manifest.load(tmp_path / "q").variant == "int8"
+
+
 def test_cli_exports_fp16_int4_for_gpus(tmp_path, tied_ckpt):
     """int4 with fp16 scales and activations (CUDA/DirectML); validated on CUDA in test_cuda.py."""
     from llada_onnx.cli import main
