@@ -27,17 +27,23 @@ def test_bench_smoke(tmp_path):
     assert (out / "tokens_per_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_quantization_bench_smoke(tmp_path):
+def test_quantization_bench_smoke(tmp_path, capsys):
     from bench.quantization import main as quantization_main
+    from bench.validation_memory import main as validation_memory_main
 
-    out = tmp_path / "q"
-    assert quantization_main(["--models", "tiny", "--variants", "fp32,fp32-int4-b32", "--batches", "1", "--reps", "1",
-                              "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    out, work = tmp_path / "q", tmp_path / "work"
+    assert quantization_main(["--models", "tiny", "--variants", "fp32,fp32-int4-b32-acc4", "--batches", "1",
+                              "--reps", "1", "--work", str(work), "--out", str(out)]) == 0
     (model,) = json.loads((out / "report.json").read_text())["models"]
     fp32, int4 = model["variants"]
     assert fp32["agreement_vs_first"] == 1.0 and 0 < int4["agreement_vs_first"] <= 1
     assert int4["size_mb"] < 0.3 * fp32["size_mb"] and int4["load_rss_mb"] > 0 and int4["step_ms"]["1"] > 0
-    assert "| tiny | fp32-int4-b32 |" in (out / "report.md").read_text()
+    assert "| tiny | fp32-int4-b32-acc4 |" in (out / "report.md").read_text()
+    assert json.loads((Path(int4["export"]) / "llada_onnx.json").read_text())["quantization"]["accuracy_level"] == 4
+    capsys.readouterr()
+    assert validation_memory_main([int4["export"], fp32["export"]]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["pre-packed", "unpacked"]
     assert (out / "quantization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
