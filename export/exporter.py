@@ -37,7 +37,7 @@ from ..runtime.manifest import FUSIONS, manifest_dict
 from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
 from .graph import BlockSamplerGraph, CachedSamplerGraph, SamplerGraph
 from .moe import MOE_FORMS, translation_table
-from .quantize import Quantization, QuantizationError, check_int8_memory, quantize_graph, remove_graph
+from .quantize import Quantization, QuantizationError, quantize_graph, remove_graph
 from .shared_weights import share_weights
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 from .validate import ValidationError, validate_block_cache, validate_cache_graph, validate_export
@@ -130,8 +130,6 @@ def export(
     sizes = architecture.sizes(cfg)
     out = prepare_output(output_dir, inputs=[ckpt], force=force, say=say)
     need, float_graph = _disk_needed(architecture.parameter_count(cfg), dtype, cache, quantization)
-    if quantization.method == "int8":  # the fp32 torch model stays in host memory beside it, unless on the GPU
-        check_int8_memory(float_graph, held_bytes=float_graph if device == "cpu" else 0)
     if scratch is None:
         _check_disk(out.parent, need + float_graph)
     else:

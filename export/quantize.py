@@ -1,13 +1,16 @@
 """Weight quantization of an exported graph, with onnxruntime's own quantization tools.
 
-Two methods, both from ``onnxruntime.quantization`` (kept with the kernels that run their output, so the graph
-and the kernels cannot drift apart; optimum's ``ORTQuantizer`` wraps the same dynamic quantizer but has no
-weight-only int4 path):
+Two methods, both onnxruntime's own formats and kernels:
 
-* ``int8``: ``quantize_dynamic``: per-output-channel int8 weights, activations quantized per tensor at run time
-  (``MatMulInteger``, fused by onnxruntime into ``DynamicQuantizeMatMul``). fp32 graphs only. The embedding table
-  stays in float (onnxruntime's dynamic Gather quantization is per-tensor, too coarse for a vocabulary matrix).
-* ``int4``: ``MatMulNBitsQuantizer``: weight-only, symmetric, blocks of ``block_size`` along the input dimension
+* ``int8``: ``com.microsoft`` ``DynamicQuantizeMatMul``: symmetric int8 weights per output channel, activations
+  quantized per tensor at run time, as ``onnxruntime.quantization.quantize_dynamic`` quantizes them (its
+  ``MatMulInteger`` pattern is what onnxruntime fuses into that op). fp32 graphs only. The embedding table stays
+  in float (onnxruntime's dynamic Gather quantization is per-tensor, too coarse for a vocabulary matrix). Written
+  here (:func:`quantize_matmul_int8`) rather than by ``quantize_dynamic``, which loads the float graph and holds it
+  several times over (measured: 19.6 GB peak RSS for a 5.9 GB graph; LLaDA-8B's would need about 110 GB): the
+  weights are read one at a time, memory-mapped, as the int4 path reads them.
+* ``int4``: ``onnxruntime.quantization``'s ``MatMulNBitsQuantizer`` (kept with the kernel that runs its output, so
+  the two cannot drift apart): weight-only, symmetric, blocks of ``block_size`` along the input dimension
   (``com.microsoft`` ``MatMulNBits``); the embedding table becomes ``GatherBlockQuantized``. Works on fp32 graphs
   (CPU) and fp16 graphs (CUDA); ``accuracy_level`` picks the kernel's compute type (4 = int8 dot products).
 
@@ -16,11 +19,9 @@ LLaDA-8B's 8B) are quantized too unless ``keep_head``; measurements in the READM
 transpose, computed in the graph) has no constant weight of its own, so with tied embeddings both stay in float:
 a quantized copy of the table beside the float one the head needs would only add bytes.
 
-Memory: the int4 path loads the graph without its weights and lets the quantizer memory-map each weight from
-the data file when it gets to it, so the float graph is never in RAM at once (peak: the quantized weights plus
-the largest single float matrix). ``quantize_dynamic`` loads the whole float graph and holds it several times
-over (measured: 19.6 GB peak RSS for a 5.9 GB graph), so an int8 quantization that would not fit the memory
-available is refused before it starts (:func:`check_int8_memory`) rather than left to the kernel's OOM killer.
+Memory: both paths load the graph without its weights and memory-map each weight from the data file when they get
+to it, so the float graph is never in RAM at once (peak: the quantized weights plus the weights left in float,
+plus the largest single float matrix).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .quantize_experts import quantize_experts
+import numpy as np
+
+from .quantize_experts import quantize_experts, read_weight
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 
 METHODS = ("none", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0: the kernel's default; 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
-INT8_MEMORY_FACTOR = 3.5  # quantize_dynamic's peak RSS over the float graph's bytes (3.3 measured, see above)
 
 
 class QuantizationError(ExportError):
@@ -96,30 +98,6 @@ class Quantization:
         return info
 
 
-def available_memory() -> int | None:
-    """Bytes a new allocation can take without swapping (Linux's ``MemAvailable``); None where it is unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_int8_memory(float_graph_bytes: int, held_bytes: int = 0) -> None:
-    """Refuse an int8 quantization of a ``float_graph_bytes`` graph that ``quantize_dynamic`` cannot do in the
-    memory available (besides ``held_bytes`` the caller still holds, e.g. the torch model)."""
-    free = available_memory()
-    need = int(INT8_MEMORY_FACTOR * float_graph_bytes) + held_bytes
-    if free is not None and free < need:
-        raise QuantizationError(
-            f"int8 quantization needs about {need / 1e9:.1f} GB of memory here (onnxruntime's quantize_dynamic "
-            f"holds the {float_graph_bytes / 1e9:.1f} GB float graph several times), and {free / 1e9:.1f} GB is "
-            "available; use --quantize int4 (quantized one weight at a time) or a machine with more memory")
-
-
 def vocabulary_nodes(model, vocab_size: int) -> list[str]:
     """Names of the LM-head MatMul and the embedding Gather: the nodes whose constant weight has a
     vocabulary-sized dimension."""
@@ -166,7 +144,7 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
         root.handlers[:] = handlers
         root.setLevel(level)
     ops = [n.op_type for n in onnx.load(str(target), load_external_data=False).graph.node]
-    quantized = ("MatMulInteger", "MatMulNBits", "GatherBlockQuantized", "QMoE")
+    quantized = ("DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized", "QMoE")
     counts = {op: ops.count(op) for op in quantized if op in ops}
     if not counts:
         raise QuantizationError(f"the quantizer found no weights to quantize in {source.name}")
@@ -174,20 +152,51 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
 
 
 def _int8(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
+    """Every MatMul with a constant float weight becomes ``DynamicQuantizeMatMul`` (the head too unless
+    ``keep_head``); the attention's activation x activation MatMuls and the embedding table stay float."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(source), load_external_data=False)
-    keep = vocabulary_nodes(model, vocab_size) if q.keep_head else []
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=keep, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})  # attention's activation x activation MatMuls stay float
-    quantized = onnx.load(str(target), load_external_data=False)
-    if quantize_experts(quantized, target.parent, "int8", 0):  # quantize_dynamic leaves MoE nodes as they are
-        onnx.load_external_data_for_model(quantized, str(target.parent))
-        remove_graph(target)  # onnx appends to an existing data file
-        onnx.save(quantized, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=target.name + ".data", size_threshold=1024)
+    quantize_experts(model, source.parent, "int8", 0)
+    keep = set(vocabulary_nodes(model, vocab_size)) if q.keep_head else set()
+    weights = {t.name: t for t in model.graph.initializer}
+    quantized: dict[str, list[str]] = {}
+    for index, node in enumerate(list(model.graph.node)):
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or weight.data_type != TensorProto.FLOAT or node.name in keep:
+            continue
+        if weight.name not in quantized:
+            values, scales = quantize_matmul_int8(read_weight(weight, source.parent))
+            names = [weight.name + suffix for suffix in ("_int8", "_scale", "_zero_point")]
+            arrays = (values, scales, np.zeros(scales.shape, dtype=np.int8))
+            model.graph.initializer.extend(numpy_helper.from_array(a, n) for a, n in zip(arrays, names))
+            quantized[weight.name] = names
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, helper.make_node("DynamicQuantizeMatMul", [node.input[0], *quantized[weight.name]],
+                                                        list(node.output), name=node.name, domain="com.microsoft"))
+    still_read = {name for node in model.graph.node for name in node.input}
+    for name in quantized:
+        if name not in still_read:
+            model.graph.initializer.remove(weights[name])
+    onnx.load_external_data_for_model(model, str(source.parent))  # what stays float: embedding, norms, kept head
+    onnx.save(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=target.name + ".data", size_threshold=1024)
+
+
+def quantize_matmul_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul weight ``[K, N]`` -> int8 ``[K, N]`` and per-output-channel scales ``[N]``: symmetric over
+    [-127, 127], rounded half to even, as ``quantize_dynamic`` quantizes (zero points 0). Column block by column
+    block, so only a block's float temporaries exist at once."""
+    k, n = weight.shape
+    values = np.empty((k, n), dtype=np.int8)
+    scales = np.empty(n, dtype=np.float32)
+    for start in range(0, n, 4096):
+        block = np.asarray(weight[:, start:start + 4096], dtype=np.float32)
+        scale = np.abs(block).max(axis=0) / 127
+        scales[start:start + 4096] = scale
+        values[:, start:start + 4096] = np.clip(np.round(block / np.where(scale == 0, 1, scale)), -127, 127)
+    return values, scales
 
 
 def _int4(source: Path, target: Path, q: Quantization, vocab_size: int) -> None:
@@ -248,8 +257,6 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
         quantization.check_experts(manifest.dtype)
     if quantization.method == "none":
         raise QuantizationError("no quantization asked for: use int8 or int4")
-    if quantization.method == "int8":
-        check_int8_memory(sum(f.stat().st_size for f in source.glob("*.data")))
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     out = prepare_output(output_dir, inputs=[source], force=force, say=say)
     with disk_full_is_reported(out, None), staged_directory(out) as tmp:

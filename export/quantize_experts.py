@@ -43,7 +43,7 @@ def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
         x, logits, fc1_name, fc2_name = node.input[0], node.input[1], node.input[2], node.input[4]
         outs = []
         for name in (fc1_name, fc2_name):
-            weight = _read(initializers[name], folder)
+            weight = read_weight(initializers[name], folder)
             packed, scales = quantize_int4(weight, block_size) if method == "int4" else quantize_int8(weight)
             for suffix, array in (("_q", packed), ("_scales", scales.astype(weight.dtype))):
                 model.graph.initializer.append(numpy_helper.from_array(array, name + suffix))
@@ -112,7 +112,7 @@ def _each_expert(quantize, experts: int) -> None:
         list(pool.map(quantize, range(experts)))
 
 
-def _read(tensor, folder: Path) -> np.ndarray:
+def read_weight(tensor, folder: Path) -> np.ndarray:
     """An initializer's array, memory-mapped from its external data file when it has one."""
     from onnx import TensorProto, helper, numpy_helper
 

@@ -45,7 +45,7 @@ def int4_onnx(tmp_path_factory, tiny_ckpt):
 def test_int8_quantizes_every_linear_layer(int8_onnx, tiny_onnx, tiny_model):
     n_layers = tiny_model.config.n_layers
     counts = ops(int8_onnx / "model.onnx")
-    assert counts["MatMulInteger"] == LINEARS_PER_LAYER * n_layers + 1  # + the LM head
+    assert counts["DynamicQuantizeMatMul"] == LINEARS_PER_LAYER * n_layers + 1  # + the LM head
     assert counts["MatMul"] == 2 * n_layers  # attention's activation x activation products stay float
     raw = json.loads((int8_onnx / MANIFEST_FILE).read_text())
     assert Manifest.load(int8_onnx).variant == raw["variant"] == "int8"
@@ -81,7 +81,7 @@ def test_keep_head_and_block_size(tmp_path, tiny_onnx):
     kept = quantize_graph(source, tmp_path / "kept.onnx", Quantization("int4", keep_head=True), vocab)
     assert kept == {"MatMulNBits": LINEARS_PER_LAYER * 2}  # the linear layers only: head and embedding table stay fp32
     int8_kept = quantize_graph(source, tmp_path / "int8.onnx", Quantization("int8", keep_head=True), vocab)
-    assert int8_kept == {"MatMulInteger": LINEARS_PER_LAYER * 2}
+    assert int8_kept == {"DynamicQuantizeMatMul": LINEARS_PER_LAYER * 2}
     quantize_graph(source, tmp_path / "b16.onnx", Quantization("int4", block_size=16, accuracy_level=4), vocab)
     nodes = [n for n in onnx.load(str(tmp_path / "b16.onnx"), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]
@@ -147,22 +147,30 @@ def test_errors(tmp_path, tiny_ckpt):
     assert not any(tmp_path.iterdir())
 
 
-def test_int8_that_would_not_fit_in_memory_is_refused_before_it_starts(tmp_path, tiny_ckpt, tiny_onnx, monkeypatch):
-    """quantize_dynamic holds the float graph several times over: with less memory available than that, export
-    and quantize refuse in one line (naming int4) instead of being killed half-way; nothing is written."""
-    from llada_onnx.export import quantize
-    from llada_onnx.export.quantize import QuantizationError, quantize_export
+def test_int8_computes_what_quantize_dynamic_makes(tmp_path, tiny_onnx):
+    """The int8 graph, written weight by weight, gives the logits of ``quantize_dynamic``'s graph (the same
+    weights and scales, the kernel onnxruntime fuses that graph into) to the bit."""
+    import logging
 
-    graph = sum(f.stat().st_size for f in tiny_onnx.glob("*.data"))
-    monkeypatch.setattr(quantize, "available_memory", lambda: 2 * graph)
-    with pytest.raises(QuantizationError, match=r"int8 quantization needs about .* GB of memory.*--quantize int4"):
-        quantize_export(tiny_onnx, tmp_path / "q", Quantization("int8"), progress=False)
-    with pytest.raises(QuantizationError, match="--quantize int4"):
-        export(tiny_ckpt, tmp_path / "e", progress=False, quantization=Quantization("int8"))
-    assert not any(tmp_path.iterdir())
-    monkeypatch.setattr(quantize, "available_memory", lambda: 8 * graph)  # enough for the quantizer alone
-    quantize_export(tiny_onnx, tmp_path / "q", Quantization("int8"), progress=False, validate=False)
-    assert Manifest.load(tmp_path / "q").variant == "int8"
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    manifest = Manifest.load(tiny_onnx)
+    ours, theirs = tmp_path / "ours.onnx", tmp_path / "theirs.onnx"
+    assert "DynamicQuantizeMatMul" in quantize_graph(manifest.graph_path, ours, Quantization("int8"),
+                                                     manifest.vocab_size)
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(manifest.graph_path, theirs, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        logging.disable(logging.NOTSET)
+    ids, mask = prompts(2, seed=4)
+    feeds = {"input_ids": ids, "attention_mask": mask,
+             "positions": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    a, b = (ort.InferenceSession(str(g), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+            for g in (ours, theirs))
+    np.testing.assert_array_equal(a, b)
 
 
 def test_cli_exports_fp16_int4_for_gpus(tmp_path, tied_ckpt):
