@@ -25,7 +25,7 @@ from ..models.modeling import LLaDAModel
 from ..runtime.contract import BLOCK_FORWARD
 from ..runtime.errors import LladaOnnxError
 from ..runtime.manifest import Manifest
-from ..runtime.providers import resolve
+from ..runtime.providers import ProviderUnavailableError, resolve
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 0.99
@@ -33,7 +33,6 @@ FP16_MAX_RELATIVE_ERROR = 0.05
 BLOCK_LENGTH = 8  # the block length a block-diffusion graph is validated at
 FP16_EXPERTS_MEAN_RELATIVE_ERROR = 0.01  # with experts, whose routing may flip at near-ties (see above)
 HALF_ERROR_FACTOR = 2.0  # ... or twice the error torch itself makes in half precision, where that is larger
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class ValidationError(LladaOnnxError, RuntimeError):
@@ -67,11 +66,9 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
     import onnxruntime as ort
 
     manifest = Manifest.load(export_dir)
-    provider = PROVIDERS[device]
-    if provider not in ort.get_available_providers():
-        raise ValidationError(f"validation needs onnxruntime's {provider}, which this install lacks "
-                              f"(has {ort.get_available_providers()}); install onnxruntime-gpu or use --no-validate")
-    session = ort.InferenceSession(str(manifest.graph_path), providers=resolve(device))
+    providers = _providers(device)
+    provider = providers[0][0]
+    session = ort.InferenceSession(str(manifest.graph_path), providers=providers)
     block = manifest.main_kind == BLOCK_FORWARD.name
     inputs = validation_inputs(manifest)
     by_mean = dtype != "fp32" and bool(manifest.raw.get("moe")) and not quantized
@@ -143,6 +140,15 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
     if problems:
         raise ValidationError("export validation failed: " + "; ".join(problems) + f" (figures: {report})")
     return report
+
+
+def _providers(device: str) -> list:
+    """onnxruntime's providers for ``device`` ("cpu", "cuda"), with the options the runtime gives them; a provider
+    this install lacks fails validation, naming the way out."""
+    try:
+        return resolve(device)
+    except ProviderUnavailableError as e:
+        raise ValidationError(f"validation cannot run: {e}; install it or use --no-validate") from None
 
 
 def _torch_logits(model, feeds: dict[str, np.ndarray], block: bool) -> np.ndarray:
@@ -219,14 +225,15 @@ def validate_against_float(quantized_dir, float_dir, *, device: str = "cpu") -> 
     import onnxruntime as ort
 
     quantized, reference = Manifest.load(quantized_dir), Manifest.load(float_dir)
-    provider = PROVIDERS[device]
+    providers = _providers(device)
+    provider = providers[0][0]
     # onnxruntime maps an external weight file into memory and reads it in place, unless a kernel pre-packs the
     # weight, which copies it: the float graph, the largest thing here (65 GB for LLaDA2-mini in fp32), is run
     # unpacked, so validating costs the quantized graph's memory and not the float graph's as well.
     unpacked = ort.SessionOptions()
     unpacked.add_session_config_entry("session.disable_prepacking", "1")
-    sessions = [ort.InferenceSession(str(quantized.graph_path), providers=resolve(device)),
-                ort.InferenceSession(str(reference.graph_path), unpacked, providers=resolve(device))]
+    sessions = [ort.InferenceSession(str(quantized.graph_path), providers=providers),
+                ort.InferenceSession(str(reference.graph_path), unpacked, providers=providers)]
     same, diffs, prob_diff, scale, finite = [], [], 0.0, 1.0, True
     for feeds in validation_inputs(reference):
         (logits, top_ids, top_prob), (ref_logits, ref_ids, ref_prob) = (

@@ -157,15 +157,16 @@ class FinalText:
 
     def update(self, row: np.ndarray, final_until: int | None = None) -> str:
         gen = row[self.prompt_len:self.prompt_len + self.gen_length]
-        masked = np.flatnonzero(gen == self.mask_id)
-        if final_until is not None:  # block diffusion: the finished blocks
-            masked = np.arange(max(0, final_until - self.prompt_len), len(gen))
-        final = gen[:masked[0]] if masked.size else gen
+        if final_until is None:  # masked diffusion: up to the first still-masked position
+            masked = np.flatnonzero(gen == self.mask_id)
+            final = gen[:masked[0]] if masked.size else gen
+        else:  # block diffusion: the finished blocks
+            final = gen[:max(0, final_until - self.prompt_len)]
+        complete = final.size == gen.size  # every generated position is final
         ended = [i for i, t in enumerate(final.tolist()) if t in self.codec.stop_ids]
         if ended:
-            final = final[:ended[0]]
+            final, complete = final[:ended[0]], True
         text = self.codec.decode(final)
-        complete = bool(ended) or not masked.size
         for s in self.stop:
             cut = text.find(s)
             if cut >= 0:
