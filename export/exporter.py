@@ -38,6 +38,7 @@ from .fusion import CACHE_REQUIRED, fuse_for_onnxruntime
 from .graph import BlockSamplerGraph, CachedSamplerGraph, SamplerGraph
 from .moe import MOE_FORMS, translation_table
 from .quantize import Quantization, QuantizationError, quantize_graph, remove_graph
+from .quantize_experts import experts_layout
 from .shared_weights import share_weights
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 from .validate import ValidationError, validate_block_cache, validate_cache_graph, validate_export
@@ -135,9 +136,10 @@ def export(
     else:
         _check_disk(out.parent, need)
         _check_disk(Path(scratch), float_graph)
-    # Quantized experts are laid out for onnxruntime's CPU kernel only (Quantization.check_experts): validated there
+    # Quantized experts are laid out for one provider's kernel (Quantization.check_experts): validated there
     # whatever device torch runs on.
-    provider_device = "cpu" if architecture.experts and quantize else device
+    layout = experts_layout(dtype) if architecture.experts and quantize else None
+    provider_device = layout or device
     main = GRAPH_KINDS[architecture.graph_kinds[0]]
     stages = _Progress(progress, total=4 + validate + (1 + cache) * ((fusion != "none") + quantize)
                        + cache * (2 + validate) + validate * (main is BLOCK_FORWARD))
@@ -160,7 +162,7 @@ def export(
             graphs = {kind.name: kind.file for kind in (main, KV_CACHE) if kind is main or cache}
             _write_metadata(tmp, ckpt, architecture, cfg, graphs=graphs, dtype=dtype, opset=opset, fusion=fusion,
                             fusions=fusions, quantization=quantization, quantized_ops=quantized,
-                            moe=moe if architecture.experts else None)
+                            moe=moe if architecture.experts else None, experts_layout=layout)
         report = None
         if validate:
             with stages.stage("validating in onnxruntime against torch"):
@@ -365,7 +367,7 @@ def _export(graph, args, opset: int, inputs, outputs, dynamic_shapes, translatio
 
 def _write_metadata(tmp: Path, ckpt: Path, architecture: Architecture, cfg, *, graphs: dict[str, str], dtype: str,
                     opset: int, fusion: str, fusions: dict[str, int] | None, quantization: Quantization,
-                    quantized_ops: dict[str, int] | None, moe: str | None) -> None:
+                    quantized_ops: dict[str, int] | None, moe: str | None, experts_layout: str | None) -> None:
     import onnx
     import onnxruntime
 
@@ -389,7 +391,8 @@ def _write_metadata(tmp: Path, ckpt: Path, architecture: Architecture, cfg, *, g
                              sizes=architecture.sizes(cfg), dtype=dtype, opset=int(opset), ids=cfg.special_ids(),
                              chat_template=_chat_template(ckpt), model=architecture.summary(cfg),
                              provenance=provenance, fusion=fusion, fusions=fusions, variant=quantization.variant,
-                             quantization=quantization.manifest(), quantized_ops=quantized_ops, moe=moe)
+                             quantization=quantization.manifest(), quantized_ops=quantized_ops, moe=moe,
+                             experts_layout=experts_layout)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

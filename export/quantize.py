@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .quantize_experts import quantize_experts, read_weight
+from .quantize_experts import CUDA_BLOCK_SIZES, experts_layout, quantize_experts, read_weight
 from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
 
 METHODS = ("none", "int8", "int4")
@@ -71,14 +71,13 @@ class Quantization:
                                     "use --dtype fp32, or --quantize int4 for an fp16 graph")
 
     def check_experts(self, dtype: str) -> None:
-        """Quantized experts are ``QMoE`` in onnxruntime's CPU layout, which only its CPU kernel reads: the CUDA
-        kernel takes weights pre-packed for its CUTLASS GEMMs (``pack_weights_for_cuda_mixed_gemm``), and given
-        this layout it returned wrong tokens at LLaDA-MoE's real shape (onnxruntime-gpu 1.31.1, every block
-        size). So experts are quantized in fp32 graphs, the CPU form, only."""
-        if self.method != "none" and dtype != "fp32":
+        """Quantized experts are ``QMoE`` in the layout of the provider the graph's dtype is for (see
+        :mod:`.quantize_experts`): fp32 graphs for the CPU kernel (int8, int4), fp16 graphs for the CUDA kernel
+        (int4, in the block sizes it was measured to compute correctly)."""
+        if self.method == "int4" and experts_layout(dtype) == "cuda" and self.block_size not in CUDA_BLOCK_SIZES:
             raise QuantizationError(
-                "quantized experts run on onnxruntime's CPU kernel only (its CUDA kernel reads another weight "
-                "layout): quantize an fp32 export (--dtype fp32) for the CPU, and use the fp16 export on CUDA")
+                f"onnxruntime's CUDA expert kernel takes int4 blocks of {', '.join(map(str, CUDA_BLOCK_SIZES))}, "
+                f"not {self.block_size}: use one of those with an fp16 export, or quantize an fp32 export for the CPU")
 
     @property
     def variant(self) -> str:
@@ -139,6 +138,8 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
             _int8(source, target, quantization, vocab_size)
         else:
             _int4(source, target, quantization, vocab_size)
+    except ValueError as e:  # a weight the expert quantizers cannot lay out (their message says why)
+        raise QuantizationError(str(e)) from None
     finally:
         logging.disable(logging.NOTSET)
         root.handlers[:] = handlers
@@ -253,10 +254,14 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
     if manifest.variant != "exact":
         raise QuantizationError(f"{source} is already quantized ({manifest.variant}); quantize a float export")
     quantization.check(manifest.dtype)
-    if manifest.raw.get("moe"):
-        quantization.check_experts(manifest.dtype)
     if quantization.method == "none":
         raise QuantizationError("no quantization asked for: use int8 or int4")
+    layout = experts_layout(manifest.dtype) if manifest.raw.get("moe") else None
+    if layout:
+        quantization.check_experts(manifest.dtype)
+    if validate and layout == "cuda" and device != "cuda":
+        raise QuantizationError("experts quantized from an fp16 export are laid out for onnxruntime's CUDA kernel "
+                                "and validate there: use --device cuda, or --no-validate")
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     out = prepare_output(output_dir, inputs=[source], force=force, say=say)
     with disk_full_is_reported(out, None), staged_directory(out) as tmp:
@@ -273,7 +278,7 @@ def quantize_export(export_dir: str | Path, output_dir: str | Path, quantization
             if file.is_file() and file.name not in skip:
                 shutil.copy2(file, tmp / file.name)
         raw = dict(manifest.raw, variant=quantization.variant, quantization=quantization.manifest(),
-                   quantized_ops=counts[manifest.graph])
+                   quantized_ops=counts[manifest.graph], experts_layout=layout)
         raw["provenance"] = dict(raw.get("provenance", {}), quantized_from=str(source))
         (tmp / MANIFEST_FILE).write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
         report = {}

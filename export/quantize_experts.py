@@ -1,20 +1,32 @@
 """Quantized experts: every ``com.microsoft.MoE`` node of a graph becomes a ``com.microsoft.QMoE`` node.
 
-onnxruntime's QMoE kernel reads integer expert weights in the MoE layout (``[experts, out, in]``, gate and up
-rows interleaved), packed along ``in``, with float scales; its zero point is implicit (``2^(bits-1)``):
+onnxruntime's QMoE kernels read their integer expert weights in two layouts, one per provider, so the graph's
+dtype picks the layout as it picks the provider (fp32 graphs run on the CPU, fp16 graphs on CUDA):
 
-* ``int4``: symmetric 4-bit in blocks of ``block_size`` along ``in`` (scales ``[E, out, in / block]``), two
-  values a byte, the even one in the low nibble;
-* ``int8``: symmetric 8-bit per output channel (scales ``[E, out]``; onnxruntime 1.32's CPU kernel reads
-  block-wise 8-bit scales differently from the documented layout, per-channel ones as documented).
+* **CPU** (fp32 graphs): the MoE layout (``[experts, out, in]``, gate and up rows interleaved), packed along
+  ``in``, with float scales; the zero point is implicit (``2^(bits-1)``).
 
-The CPU kernel renormalises the top-k weights by itself unless it is given ``router_weights``. LLaDA-MoE mixes
-with the raw softmax probabilities, so the QMoE node gets the softmax of the router logits (in float32, as the
-official code) as ``router_weights``: the logits still choose the experts, the probabilities weight them.
+  * ``int4``: symmetric 4-bit in blocks of ``block_size`` along ``in`` (scales ``[E, out, in / block]``), two
+    values a byte, the even one in the low nibble;
+  * ``int8``: symmetric 8-bit per output channel (scales ``[E, out]``; onnxruntime 1.32's CPU kernel reads
+    block-wise 8-bit scales differently from the documented layout, per-channel ones as documented).
 
-Checked against a dequantized reference to 2e-5 (tests/test_llada_moe.py). The float expert weights are read one
-tensor at a time, memory-mapped from the data file, and never loaded whole; each tensor is quantized expert by
-expert on every core.
+  The CPU kernel renormalises the top-k weights by itself unless it is given ``router_weights``. LLaDA-MoE mixes
+  with the raw softmax probabilities, so the QMoE node gets the softmax of the router logits (in float32, as the
+  official code) as ``router_weights``: the logits still choose the experts, the probabilities weight them.
+  Checked against a dequantized reference to 2e-5 (tests/test_llada_moe.py).
+
+* **CUDA** (fp16 graphs, ``int4``): the CUDA kernel's CUTLASS mixed-precision GEMMs read each expert's weights
+  transposed and interleaved (``[E, in, out / 2]``, scales ``[E, out, in / block]`` in fp16), as
+  ``onnxruntime.quantization.cuda_quantizer`` quantizes and packs them (kept with the kernel that reads them; torch
+  runs the packing, on the CPU when there is no GPU). Its SM80 layout is the one every CUDA GPU from SM75 on
+  reads: Hopper runs mixed-precision experts on its Ampere-class kernels (an H200 computed LLaDA-MoE's real expert
+  shape within 1e-4 mean error of the dequantized reference with it, and wrongly with the SM90 layout). The CUDA
+  kernel mixes with the raw softmax probabilities when ``normalize_routing_weights=0``, as its float MoE kernel
+  does, so it takes the router logits alone.
+
+The float expert weights are read one tensor at a time, memory-mapped from the data file, and never loaded
+whole; each tensor is quantized expert by expert on every core.
 """
 
 from __future__ import annotations
@@ -26,6 +38,13 @@ from pathlib import Path
 import numpy as np
 
 ROUTER_WEIGHTS_INPUT = 14  # QMoE's optional inputs before it: biases, fc3, zero points
+CUDA_LAYOUT_ARCH = 80  # onnxruntime's SM80 mixed-GEMM layout (see the module docstring)
+CUDA_BLOCK_SIZES = (32, 64, 128)  # the block sizes the CUDA kernel was measured to compute correctly
+
+
+def experts_layout(dtype: str) -> str:
+    """The provider a graph's quantized experts are laid out for: ``"cpu"`` for fp32 graphs, ``"cuda"`` for fp16."""
+    return "cuda" if dtype == "fp16" else "cpu"
 
 
 def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
@@ -41,21 +60,28 @@ def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
             node.name = f"moe_{index}"
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         x, logits, fc1_name, fc2_name = node.input[0], node.input[1], node.input[2], node.input[4]
+        weight_type = initializers[fc1_name].data_type
+        cuda = experts_layout("fp16" if weight_type == TensorProto.FLOAT16 else "fp32") == "cuda"
         outs = []
         for name in (fc1_name, fc2_name):
             weight = read_weight(initializers[name], folder)
-            packed, scales = quantize_int4(weight, block_size) if method == "int4" else quantize_int8(weight)
+            if cuda:
+                packed, scales = quantize_int4_for_cuda(weight, block_size)
+            else:
+                packed, scales = quantize_int4(weight, block_size) if method == "int4" else quantize_int8(weight)
             for suffix, array in (("_q", packed), ("_scales", scales.astype(weight.dtype))):
                 model.graph.initializer.append(numpy_helper.from_array(array, name + suffix))
             outs.append((name + "_q", name + "_scales"))
             model.graph.initializer.remove(initializers[name])
-        float_logits, probs = f"{node.name}_router_float", f"{node.name}_router_weights"
-        weight_type = initializers[fc1_name].data_type
-        extra = [helper.make_node("Cast", [logits], [float_logits], to=TensorProto.FLOAT,
-                                  name=f"{node.name}_cast"),
-                 helper.make_node("Softmax", [float_logits], [probs + "_f"], axis=-1, name=f"{node.name}_softmax"),
-                 helper.make_node("Cast", [probs + "_f"], [probs], to=weight_type, name=f"{node.name}_cast_back")]
-        inputs = [x, logits, *outs[0], "", *outs[1]] + [""] * (ROUTER_WEIGHTS_INPUT - 7) + [probs]
+        inputs, extra = [x, logits, *outs[0], "", *outs[1]], []
+        if not cuda:
+            float_logits, probs = f"{node.name}_router_float", f"{node.name}_router_weights"
+            extra = [helper.make_node("Cast", [logits], [float_logits], to=TensorProto.FLOAT,
+                                      name=f"{node.name}_cast"),
+                     helper.make_node("Softmax", [float_logits], [probs + "_f"], axis=-1,
+                                      name=f"{node.name}_softmax"),
+                     helper.make_node("Cast", [probs + "_f"], [probs], to=weight_type, name=f"{node.name}_cast_back")]
+            inputs += [""] * (ROUTER_WEIGHTS_INPUT - len(inputs)) + [probs]
         qmoe = helper.make_node(
             "QMoE", inputs, list(node.output), domain="com.microsoft", name=node.name, k=attrs["k"],
             activation_type=attrs["activation_type"], swiglu_fusion=attrs["swiglu_fusion"],
@@ -84,6 +110,28 @@ def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
         q = (np.clip(np.round(blocks / safe[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
         q = q.reshape(rows, cols)
         packed[e], scales[e] = q[:, 0::2] | (q[:, 1::2] << 4), scale
+
+    _each_expert(one, experts)
+    return packed, scales
+
+
+def quantize_int4_for_cuda(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[E, N, K]`` float -> the CUDA kernel's packed uint8 ``[E, K, N / 2]`` and scales ``[E, N, K / block]``."""
+    import torch
+    from onnxruntime.quantization.cuda_quantizer import CudaQuantizer
+
+    experts, rows, cols = weight.shape
+    if cols % 64 or rows % 16:
+        raise ValueError(f"an expert's weight [{rows}, {cols}] cannot be laid out for onnxruntime's CUDA expert "
+                         "kernel, which needs an input width that is a multiple of 64 and an output width that is a "
+                         "multiple of 16; quantize an fp32 export for the CPU instead")
+    packed = np.empty((experts, cols, rows // 2), dtype=np.uint8)
+    scales = np.empty((experts, rows, cols // block_size), dtype=np.float32)
+
+    def one(e: int) -> None:
+        q, s = CudaQuantizer.qmoe_prepacked_blockwise_quantize(
+            torch.from_numpy(np.asarray(weight[e], dtype=np.float32)), 4, block_size, CUDA_LAYOUT_ARCH)
+        packed[e], scales[e] = q.numpy(), s.numpy()
 
     _each_expert(one, experts)
     return packed, scales

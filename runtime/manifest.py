@@ -147,7 +147,8 @@ def manifest_dict(*, architecture: str, sampler: str, graphs: dict[str, str], si
                   opset: int, ids: dict[str, int], chat_template: str | None, model: dict[str, Any],
                   provenance: dict[str, Any], variant: str = "exact", fusion: str = "none",
                   fusions: dict[str, int] | None = None, quantization: dict[str, Any] | None = None,
-                  quantized_ops: dict[str, int] | None = None, moe: str | None = None) -> dict[str, Any]:
+                  quantized_ops: dict[str, int] | None = None, moe: str | None = None,
+                  experts_layout: str | None = None) -> dict[str, Any]:
     """The JSON the exporter writes."""
     return {
         "format_version": FORMAT_VERSION,
@@ -163,6 +164,7 @@ def manifest_dict(*, architecture: str, sampler: str, graphs: dict[str, str], si
         "fusion": fusion,  # "none": standard ONNX ops only; "ort": onnxruntime contrib ops (CPU, CUDA)
         "fusions": fusions or {},
         "moe": moe,  # experts as onnxruntime's fused MoE kernel ("fused") or in standard ops ("decomposed"), or null
+        "experts_layout": experts_layout,  # quantized experts: the provider whose QMoE kernel reads them, or null
         "sizes": dataclasses.asdict(sizes),
         "special_ids": {k: ids[k] for k in ID_FIELDS},
         "chat_template": chat_template,

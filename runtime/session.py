@@ -90,12 +90,19 @@ FIRST_EXACT_CPU_MOE = (1, 32)  # onnxruntime 1.31.1's CPU MoE kernel renormalise
 
 
 def check_moe_kernel(manifest: Manifest, provider: str) -> None:
-    """Refuse a fused-MoE export on a kernel that would run it wrongly: a CPU kernel that computes a different
-    routing, or quantized experts (``QMoE``, written in the CPU kernel's weight layout) on CUDA."""
-    if manifest.raw.get("moe") == "fused" and manifest.variant != "exact" and provider == "CUDAExecutionProvider":
+    """Refuse a fused-MoE export on a kernel that would run it wrongly: quantized experts (``QMoE``) laid out for
+    another provider's kernel (``experts_layout``: fp32 exports for the CPU, fp16 ones for CUDA), or a CPU kernel
+    that computes a different routing."""
+    quantized = manifest.raw.get("moe") == "fused" and manifest.variant != "exact"
+    layout = manifest.raw.get("experts_layout") or "cpu"
+    if quantized and provider == "CUDAExecutionProvider" and layout != "cuda":
         raise UnsupportedGraphError(
             "this export's quantized experts are laid out for onnxruntime's CPU kernel, and the CUDA kernel would "
-            "compute wrong tokens with them: run it with --provider cpu, or use an fp16 export on CUDA")
+            "compute wrong tokens with them: run it with --provider cpu, or quantize an fp16 export for CUDA")
+    if quantized and provider != "CUDAExecutionProvider" and layout == "cuda":
+        raise UnsupportedGraphError(
+            "this export's quantized experts are laid out for onnxruntime's CUDA kernel: run it with --provider "
+            "cuda, or quantize an fp32 export for the CPU")
     version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
     if manifest.raw.get("moe") == "fused" and provider == "CPUExecutionProvider" and version < FIRST_EXACT_CPU_MOE:
         raise UnsupportedGraphError(

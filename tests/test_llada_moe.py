@@ -170,8 +170,8 @@ def test_quantized_exports(tmp_path, moe_ckpt, moe_fused, moe_decomposed):
         export(moe_ckpt, tmp_path / "no", moe="decomposed", quantization=Quantization("int4"), progress=False)
     with pytest.raises(ExportError, match="--moe fused"):
         quantize_export(moe_decomposed, tmp_path / "no", Quantization("int8"), progress=False)
-    # quantized experts are the CPU kernel's layout: no fp16 (CUDA) form, and a CUDA session refuses them
-    with pytest.raises(ExportError, match="quantize an fp32 export .* use the fp16 export on CUDA"):
+    # experts the CUDA kernel cannot lay out (an input width that is no multiple of 64) are refused in one line
+    with pytest.raises(ExportError, match="multiple of 64"):
         export(moe_ckpt, tmp_path / "no", dtype="fp16", validate=False, quantization=Quantization("int4"),
                progress=False)
     assert not (tmp_path / "no").exists()
@@ -179,9 +179,41 @@ def test_quantized_exports(tmp_path, moe_ckpt, moe_fused, moe_decomposed):
     from llada_onnx.runtime.manifest import Manifest
     from llada_onnx.runtime.session import check_moe_kernel
 
-    with pytest.raises(UnsupportedGraphError, match="run it with --provider cpu, or use an fp16 export on CUDA"):
+    with pytest.raises(UnsupportedGraphError, match="run it with --provider cpu, or quantize an fp16 export"):
         check_moe_kernel(Manifest.load(int4), "CUDAExecutionProvider")
     check_moe_kernel(Manifest.load(moe_fused), "CUDAExecutionProvider")  # float experts run on CUDA
+
+
+def test_experts_quantized_for_cuda(tmp_path):
+    """An fp16 export's experts are quantized in the CUDA kernel's layout (packed by onnxruntime's own CUDA
+    quantizer, here on the CPU), recorded in the manifest and refused on the CPU; tests/test_cuda.py runs them."""
+    from llada_onnx.export import ExportError, Quantization, export
+    from llada_onnx.export.quantize import quantize_export
+    from llada_onnx.models.tiny import make_tiny_moe_checkpoint
+    from llada_onnx.runtime import UnsupportedGraphError
+
+    ckpt = make_tiny_moe_checkpoint(tmp_path / "ckpt", expert_size=64, seed=2)
+    out = tmp_path / "int4"
+    export(ckpt, out, dtype="fp16", validate=False, quantization=Quantization("int4"), progress=False)
+    manifest = json.loads((out / "llada_onnx.json").read_text())
+    assert manifest["experts_layout"] == "cuda" and manifest["variant"] == "int4-b32"
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    shapes = {t.name: (tuple(t.dims), t.data_type) for t in graph.initializer}
+    qmoe = [n for n in graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == 2 and all(len(n.input) == 7 for n in qmoe)  # router logits only: no router_weights
+    fc1, fc1_scales = shapes[qmoe[0].input[2]], shapes[qmoe[0].input[3]]
+    assert fc1 == ((8, 64, 64), onnx.TensorProto.UINT8)  # [experts, in, out / 2]: 2 x 64 gate/up rows, 64 wide
+    assert fc1_scales == ((8, 128, 2), onnx.TensorProto.FLOAT16)  # [experts, out, in / 32]
+    with pytest.raises(UnsupportedGraphError, match="laid out for onnxruntime's CUDA kernel"):
+        Pipeline.from_pretrained(out)
+    with pytest.raises(ExportError, match="blocks of 32, 64, 128"):
+        export(ckpt, tmp_path / "no", dtype="fp16", validate=False, quantization=Quantization("int4", 16),
+               progress=False)
+    fp16 = tmp_path / "fp16"
+    export(ckpt, fp16, dtype="fp16", validate=False, progress=False)
+    with pytest.raises(ExportError, match="--device cuda, or --no-validate"):
+        quantize_export(fp16, tmp_path / "no", Quantization("int4"), progress=False)
+    assert not (tmp_path / "no").exists()
 
 
 def test_kv_cache_refreshed_every_step_is_exact(moe_fused):
