@@ -8,12 +8,20 @@ MultiHeadAttention (non-causal, the key-padding mask as an attention bias), ``Si
 ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm), single kernels on the CPU and CUDA providers. The
 rewritten graph computes the same function and passes the same validation.
 
+One rewrite of this project's own follows (:func:`rotate_in_attention`): the traced attention takes the joined
+q/k/v projection apart into four-dimensional views, rotates queries and keys in float32 with separate
+multiplies, and moves heads forward and back again before ``MultiHeadAttention``, which takes ``[batch,
+sequence, heads * head_dim]`` tensors anyway. It becomes one ``Split`` of the projection and two ``com.microsoft``
+``RotaryEmbedding`` kernels feeding the attention directly, with one attention bias for every layer.
+
 The model traces RMSNorm as ``x / sqrt(mean(x^2) + eps)`` (see :class:`~llada_onnx.models.modeling.RMSNorm`), the
 form onnxruntime fuses by itself when it loads an unfused graph; onnxscript's rule knows the ``x * rsqrt`` form
 only, so :class:`DivRmsNormFusion` (its rule with that one pattern changed) runs first.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ..runtime.errors import LladaOnnxError
 
@@ -62,9 +70,112 @@ def fuse_for_onnxruntime(model, required: tuple[str, ...] | None = None) -> dict
     counts["rms_normalization"] = counts.get("rms_normalization", 0) + norms
     if fused is not model:
         raise FusionError("onnxscript's optimize_for_ort returned a new model instead of rewriting in place")
+    counts["rotary_attention"] = rotate_in_attention(model)
     ops = {node.op_type for node in model.graph}
     missing = [name for name in (required or REQUIRED) if not any(name in op for op in ops)]
     if missing:
         raise FusionError(f"onnxscript's onnxruntime fusions produced no {missing} for this graph; "
                           "export it with fusion 'none' instead")
     return {name: n for name, n in counts.items() if n}
+
+
+def rotate_in_attention(model) -> int:
+    """Rewrite each ``MultiHeadAttention`` fed by the traced rotary attention (see the module docstring) in place;
+    returns how many. Attention traced in another form (a query/key norm before the rotation, grouped-query key
+    heads, positions per row) is left as it is.
+
+    Traced (per layer): ``view = Reshape(MatMul(x, W_qkv))`` ``[B, S, Hq + 2 Hkv, D]``; queries and keys are
+    ``Slice(view)``, rotated as ``t * cos + Concat(t[D/2:], t[:D/2]) * signed_sin`` (casts around it in half
+    precision), transposed, split into ``Hq`` and ``Hkv`` heads, transposed back and reshaped for the attention;
+    values are ``Reshape(Slice(view))``. ``cos`` is ``Cos(Concat(angles, angles))`` of the ``[S, D/2]`` angle table.
+    Rewritten: ``Split(MatMul(x, W_qkv))`` into q, k, v; ``RotaryEmbedding(q or k, 0, cos(angles), sin(angles))``.
+    ``RotaryEmbedding`` computes ``x1 cos - x2 sin, x2 cos + x1 sin``: the same products as the traced form.
+    """
+    import onnx_ir as ir
+    from onnx_ir import tape
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    def made_by(value, op_type):
+        node = value.producer() if value is not None else None
+        return node if node is not None and node.op_type == op_type else None
+
+    def through_cast(value):
+        cast = made_by(value, "Cast")
+        return cast.inputs[0] if cast is not None else value
+
+    graph, caches, shared_bias, rewritten = model.graph, {}, None, 0
+    for mha in [n for n in graph if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
+        q_in, k_in, v_in = mha.inputs[:3]
+        q_t = made_by(q_in, "Reshape") and made_by(made_by(q_in, "Reshape").inputs[0], "Transpose")
+        k_t = made_by(k_in, "Reshape") and made_by(made_by(k_in, "Reshape").inputs[0], "Transpose")
+        v_slice = made_by(v_in, "Reshape") and made_by(made_by(v_in, "Reshape").inputs[0], "Slice")
+        split = q_t and k_t and made_by(q_t.inputs[0], "Split")
+        if not (v_slice and split and made_by(k_t.inputs[0], "Split") is split and len(split.outputs) == 2):
+            continue
+        view = made_by(v_slice.inputs[0], "Reshape")
+        transpose = made_by(split.inputs[0], "Transpose")
+        rotated = transpose and made_by(through_cast(transpose.inputs[0]), "Add")
+        muls = rotated and [made_by(v, "Mul") for v in rotated.inputs]
+        if not (view and made_by(view.inputs[0], "MatMul") and muls and all(muls)):
+            continue
+        angles = None
+        for mul in muls:
+            for operand in mul.inputs:
+                unsqueeze = made_by(through_cast(operand), "Unsqueeze")
+                cos = unsqueeze and made_by(unsqueeze.inputs[0], "Cos")
+                cat = cos and made_by(cos.inputs[0], "Concat")
+                if cat and len(cat.inputs) == 2 and cat.inputs[0] is cat.inputs[1]:
+                    angles = cat.inputs[0]
+        sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        qkv, dtype = view.inputs[0], q_in.dtype
+        if angles is None or sizes is None or angles.shape is None or angles.shape.rank() != 2:
+            continue
+        q_heads, kv_heads = (int(n) for n in sizes.numpy())
+        width = qkv.shape[-1] if qkv.shape is not None else None
+        if not isinstance(width, int) or width % (q_heads + 2 * kv_heads):
+            continue
+        head_dim = width // (q_heads + 2 * kv_heads)
+        build = tape.Tape()
+        if angles not in caches:  # cos and sin of the [S, D/2] angles, once for every layer
+            cast = (lambda v: v) if dtype == ir.DataType.FLOAT else (lambda v: build.op("Cast", [v], {"to": dtype}))
+            caches[angles] = (cast(build.op("Cos", [angles])), cast(build.op("Sin", [angles])),
+                              build.op("Constant", [], {"value": ir.tensor(np.array([0], dtype=np.int64))}))
+        cos_cache, sin_cache, first_position = caches[angles]
+        widths = build.op("Constant", [], {"value": ir.tensor(np.array(
+            [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dtype=np.int64))})
+        q, k, v = build.op_multi_out("Split", [qkv, widths], {"axis": -1}, num_outputs=3)
+        q, k = (build.op("RotaryEmbedding", [t, first_position, cos_cache, sin_cache],
+                         {"num_heads": heads, "interleaved": 0}, domain="com.microsoft")
+                for t, heads in ((q, q_heads), (k, kv_heads)))
+        graph.insert_before(mha, build.nodes)
+        for index, value in enumerate((q, k, v)):
+            mha.replace_input_with(index, value)
+        if len(mha.inputs) > 5 and mha.inputs[5] is not None:
+            if shared_bias is None:  # [B, 1, S, L]: S read from the queries, not from the traced heads
+                shared_bias = _bias_sized_by(mha.inputs[5], split.outputs[0], q, graph, mha)
+            if shared_bias is not None:
+                mha.replace_input_with(5, shared_bias)
+        rewritten += 1
+    if rewritten:
+        RemoveUnusedNodesPass()(model)
+    return rewritten
+
+
+def _bias_sized_by(bias, heads_first, queries, graph, before):
+    """The traced attention bias ``Expand(mask_bias, [1, 1, S, 1])`` with ``S`` read from ``queries`` ``[B, S, .]``
+    instead of the traced ``[B, H, S, D]`` heads (which the rewrite removes); None if the bias is another form."""
+    from onnx_ir import tape
+
+    expand = bias.producer()
+    shape = expand.inputs[1].producer() if expand is not None and expand.op_type == "Expand" else None
+    if shape is None or shape.op_type != "Concat":
+        return None
+    build = tape.Tape()
+    length = build.op("Shape", [queries], {"start": 1, "end": 2})
+    parts = [length if p.producer() is not None and p.producer().op_type == "Shape"
+             and p.producer().inputs[0] is heads_first else p for p in shape.inputs]
+    if all(p is not length for p in parts):
+        return None
+    sized = build.op("Expand", [expand.inputs[0], build.op("Concat", parts, {"axis": 0})])
+    graph.insert_before(before, build.nodes)
+    return sized

@@ -55,6 +55,10 @@ def test_fusion_rewrites_attention_and_norms(tiny_fused_onnx, tiny_onnx):
     assert ops["MultiHeadAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] >= 2
     assert ops["Softmax"] == 1 and "ReduceMean" not in ops  # the one Softmax left is top_prob's (CPU summaries)
     assert raw["fusions"]["sdpa_via_mha"] == 2
+    # queries and keys are rotated by RotaryEmbedding on the split projection, not in float32 multiplies over
+    # transposed heads; one attention bias serves both layers
+    assert raw["fusions"]["rotary_attention"] == 2 and ops["RotaryEmbedding"] == 4
+    assert "Transpose" not in ops and "Neg" not in ops and ops["Expand"] == 3  # mask, bias, head rows
     assert sorted(p.name for p in tiny_fused_onnx.iterdir() if "onnx" in p.name and p.suffix != ".json") == [
         "model.onnx", "model.onnx.data"]  # the unfused trace is gone
 
