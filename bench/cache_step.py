@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layers", type=int, help="override the 8b shape's layer count")
     p.add_argument("--config", help="config.json giving the 8b shape")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--fusion", choices=("none", "ort"), default="none", help="export fusion of both graphs")
+    p.add_argument("--fusion", choices=("none", "ort"), default="none",
+                   help="export fusion of both graphs (--models; an --export has its own)")
     p.add_argument("--lengths", default="384,1088")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--export", help="time this export (made with --cache) instead of the --models one")
@@ -121,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(n) for n in a.lengths.split(",") if int(n) <= pipe.manifest.max_sequence_length]
     uncaptured = KVCacheSession(pipe.manifest, "cuda", cuda_graphs=False) if a.provider == "cuda" else None
     report = {"model": name, "parameters": parameters, "provider": a.provider, "threads": a.threads,
-              "fusion": a.fusion,
-              "reps": a.reps,
+              "fusion": pipe.manifest.raw.get("fusion", "none"), "reps": a.reps,
               "machine": machine(), "rows": [measure(pipe, n, a.reps, uncaptured) for n in lengths]}
     save_report(Path(a.out), report, markdown(report), chart, "latency.png")
     return 0

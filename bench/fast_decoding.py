@@ -67,10 +67,10 @@ def continuation_loss(pipe: Pipeline, canvas: np.ndarray, prompt_len: int, seed:
 
 
 def run(gens: list[int], reps: int, policies: dict = POLICIES, export: str | None = None,
-        prompts: list[str] = PROMPTS) -> dict:
+        prompts: list[str] = PROMPTS, provider: str = "cpu") -> dict:
     """``policies`` must include ``("exact", "none")``, the baseline of the speed-ups; ``export``: an export made
     with ``--cache`` (default: the embedded model)."""
-    pipe = Pipeline.from_pretrained(export)
+    pipe = Pipeline.from_pretrained(export, provider=provider)
     rows = []
     for gen in gens:
         samples = {name: {"wall": [], "model": [], "calls": [], "agree": [], "loss": []} for name in policies}
@@ -150,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caches", default=",".join(CACHES))
     p.add_argument("--export", help="an export made with --cache (default: the embedded model)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
+    p.add_argument("--provider", default="cpu")
     p.add_argument("--out", default="bench/results/fast-decoding")
     a = p.parse_args(argv)
     rules, caches = a.rules.split(","), a.caches.split(",")
     policies = {(rule, cache): POLICIES[rule, cache] for rule in rules for cache in caches}
     if ("exact", "none") not in policies:
         p.error("--rules must include exact and --caches none: exact decoding without a cache is the baseline")
-    report = run([int(g) for g in a.gens.split(",")], a.reps, policies, a.export, PROMPTS[:a.prompts])
+    report = run([int(g) for g in a.gens.split(",")], a.reps, policies, a.export, PROMPTS[:a.prompts], a.provider)
     save_report(Path(a.out), report, markdown(report), chart, "speed_quality.png")
     return 0
 

@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="moe-7b", help="benchmark model name (see bench.harness) for torch's side")
     p.add_argument("--config", help="config.json for --models 8b")
     p.add_argument("--length", type=int, default=320)
+    p.add_argument("--n-layers", type=int, help="the model's depth cut to this many layers (torch's side)")
     engine_arguments(p, "bench/results/forward")
     a = p.parse_args(argv)
     from llada_onnx.models import read_checkpoint_config
 
     device = "cuda" if a.provider == "cuda" else "cpu"
-    ckpt = model_checkpoint(a.models, Path(a.work), a.config)
+    ckpt = model_checkpoint(a.models, Path(a.work), a.config, a.n_layers)
     architecture, cfg = read_checkpoint_config(ckpt)
     modes = [m for m in a.compile.split(",") if m]
     torch_side = {} if a.no_torch else torch_calls(ckpt, device, modes)

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# LLaDA-MoE-7B-A1B at its real shape (7.35B parameters, random bf16 weights) on a GPU machine: every figure of
+# LLaDA-MoE-7B-A1B at its real shape (7.35B parameters, random bf16 weights) on a GPU machine: the figures of
 # docs/benchmarks.md's "LLaDA-MoE at the real shape", from the repository root:
 #
 #     GPU_PYTHONPATH=... CPU_PYTHONPATH=... bash bench/moe_real_shape.sh
 #
 # After the checkpoint is written (drawn on the GPU), two lanes run at once:
-#   GPU: fp16 fused export for CUDA (validated there) -> one forward against torch bf16 eager and torch.compile
-#        (bench.forward)
-#   CPU: the user's `llada-onnx export CKPT OUT --quantize int4 --cache` -> the same export at MatMulNBits
-#        accuracy level 4 -> one forward and the KV-cached steps on $THREADS cores -> `llada-onnx chat`
+#   GPU: fp16 fused export with the KV-cache graph (validated on CUDA) -> the int4 export for CUDA (experts in the
+#        CUDA kernel's layout, validated on CUDA) -> one forward of each (bench.forward) -> their KV-cached steps
+#        (bench.cache_step) -> fast decoding end to end in fp16 (bench.fast_decoding)
+#   CPU: the user's `llada-onnx export CKPT OUT --quantize int4 --cache` at --block-size $BLOCK -> `llada-onnx chat`
 # GPU_PYTHONPATH / CPU_PYTHONPATH put each lane's onnxruntime first (onnxruntime-gpu; onnxruntime >= 1.32, whose
-# CPU MoE kernels route as the model does). Needs about 90 GB of disk and 80 GB of RAM (the nvidia-h200-x2 kind).
+# CPU MoE kernels route as the model does). Float graphs of the quantized exports are written to $SCRATCH.
+# Needs about 40 GB of disk, and 100 GB of RAM with $SCRATCH in /dev/shm (one H200 machine).
 set -uo pipefail
-W=${WORK:-.bench}; R=${RESULTS:-bench/results}; T=${THREADS:-16}
+W=${WORK:-.bench}; R=${RESULTS:-bench/results}; T=${THREADS:-16}; B=${BLOCK:-64}; S=${SCRATCH:-/dev/shm}
 M=$W/moe-7b; CKPT=$M/checkpoint
 log() { echo "== $(date +%T) $*"; }
 timed() { /usr/bin/time -f "   [time] %e s wall, peak RSS %M KB" "$@"; }
@@ -23,31 +24,34 @@ du -sh $CKPT
 
 gpu_lane() {
   export PYTHONPATH=${GPU_PYTHONPATH:-${PYTHONPATH:-}}
-  log export fp16; timed llada-onnx export $CKPT $M/onnx-fp16-ort --dtype fp16 --device cuda --fusion ort --force
-  log forward; python3 -m bench.forward --models moe-7b --work $W --export $M/onnx-fp16-ort --provider cuda \
-      --batches 1,4 --out $R/gpu-h200-moe-7b-forward
-  du -sh $M/onnx-fp16-ort
+  log export fp16; timed llada-onnx export $CKPT $M/onnx-fp16-ort --dtype fp16 --device cuda --fusion ort --cache --force
+  log export int4 for CUDA; timed llada-onnx export $CKPT $M/onnx-int4-cuda --dtype fp16 --device cuda --fusion ort \
+      --quantize int4 --cache --scratch $S --force
+  du -sh $M/onnx-fp16-ort $M/onnx-int4-cuda
+  log forward; python3 -m bench.forward --models moe-7b --work $W --no-torch --export $M/onnx-fp16-ort \
+      --export $M/onnx-int4-cuda --provider cuda --batches 1,4 --out $R/gpu-h200-moe-7b-forward-int4
+  for e in fp16-ort int4-cuda; do
+    log cache step $e; python3 -m bench.cache_step --export $M/onnx-$e --provider cuda --lengths 320 --reps 20 \
+        --out $R/gpu-h200-moe-7b-$e-cache-step
+  done
+  log fast decoding; python3 -m bench.fast_decoding --export $M/onnx-fp16-ort --provider cuda --gens 256 --reps 3 \
+      --prompts 1 --rules "exact,threshold 0.9" --caches none,dual --out $R/gpu-h200-moe-7b-fast-decoding
   log gpu lane done
 }
 
 cpu_lane() {
   export PYTHONPATH=${CPU_PYTHONPATH:-${PYTHONPATH:-}}
-  log export int4 --cache; timed llada-onnx export $CKPT $M/onnx-int4 --quantize int4 --cache --force
-  du -sh $M/onnx-int4
-  python3 -m bench.accuracy_level $M/onnx-int4 $M/onnx-int4-acc4 4
-  log cpu forward; python3 -m bench.forward --models moe-7b --work $W --no-torch --export $M/onnx-int4 \
-      --export $M/onnx-int4-acc4 --provider cpu --threads $T --batches 1 --warmup 1 --reps 5 \
-      --out $R/cpu$T-moe-7b-int4-forward
-  log cpu cache step; python3 -m bench.cache_step --export $M/onnx-int4 --provider cpu --threads $T --lengths 320 \
-      --reps 5 --out $R/cpu$T-moe-7b-int4-cache-step
-  log chat; printf 'the king\n\n' | timed llada-onnx chat --model $M/onnx-int4 --threads $T --gen-length 32
+  log export int4-b$B --cache; timed llada-onnx export $CKPT $M/onnx-int4-b$B --quantize int4 --block-size $B --cache \
+      --scratch $S --force
+  du -sh $M/onnx-int4-b$B; du -b $M/onnx-int4-b$B/*.data
+  log chat; printf 'the king\n\n' | timed llada-onnx chat --model $M/onnx-int4-b$B --threads $T --gen-length 32
   log cpu lane done
 }
 
 # Each lane on its own cores (where there are 32), so that neither lane's timings share cores with the other's work
 pin_gpu=() pin_cpu=()
 if [ "$(nproc)" -ge 32 ]; then pin_gpu=(taskset -c 0-7) pin_cpu=(taskset -c 8-31); fi
-"${pin_gpu[@]}" bash -c "$(declare -f log timed gpu_lane); W=$W R=$R M=$M CKPT=$CKPT gpu_lane" > $W/moe-7b-gpu.log 2>&1 &
-"${pin_cpu[@]}" bash -c "$(declare -f log timed cpu_lane); W=$W R=$R T=$T M=$M CKPT=$CKPT cpu_lane" > $W/moe-7b-cpu.log 2>&1 &
+"${pin_gpu[@]}" bash -c "$(declare -f log timed gpu_lane); W=$W R=$R S=$S M=$M CKPT=$CKPT gpu_lane" > $W/moe-7b-gpu.log 2>&1 &
+"${pin_cpu[@]}" bash -c "$(declare -f log timed cpu_lane); W=$W R=$R T=$T B=$B S=$S M=$M CKPT=$CKPT cpu_lane" > $W/moe-7b-cpu.log 2>&1 &
 wait
 log done
