@@ -118,6 +118,9 @@ def rotate_in_attention(model) -> int:
         muls = rotated and [made_by(v, "Mul") for v in rotated.inputs]
         if not (view and made_by(view.inputs[0], "MatMul") and muls and all(muls)):
             continue
+        rotated_heads = [made_by(through_cast(v), "Slice") for mul in muls for v in mul.inputs]
+        if not any(head is not None and head.inputs[0] is view.outputs[0] for head in rotated_heads):
+            continue  # the rotation is not of this projection's query and key heads
         angles = None
         for mul in muls:
             for operand in mul.inputs:
