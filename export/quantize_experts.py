@@ -117,9 +117,15 @@ def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
 
 def quantize_int4_for_cuda(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``[E, N, K]`` float -> the CUDA kernel's packed uint8 ``[E, K, N / 2]`` and scales ``[E, N, K / block]``."""
+    import onnxruntime
     import torch
-    from onnxruntime.quantization.cuda_quantizer import CudaQuantizer
 
+    try:
+        from onnxruntime.quantization.cuda_quantizer import CudaQuantizer
+    except ImportError:
+        raise ValueError(f"onnxruntime {onnxruntime.__version__} has no CUDA expert quantizer "
+                         "(onnxruntime.quantization.cuda_quantizer): install onnxruntime >= 1.32 or onnxruntime-gpu "
+                         ">= 1.31.1 to quantize experts for CUDA") from None
     experts, rows, cols = weight.shape
     if cols % 64 or rows % 16:
         raise ValueError(f"an expert's weight [{rows}, {cols}] cannot be laid out for onnxruntime's CUDA expert "
