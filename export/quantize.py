@@ -37,16 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .quantize_experts import CUDA_BLOCK_SIZES, experts_layout, quantize_experts, read_weight
-from .staging import ExportError, disk_full_is_reported, prepare_output, staged_directory
+from .quantize_experts import CUDA_BLOCK_SIZES, QuantizationError, experts_layout, quantize_experts, read_weight
+from .staging import disk_full_is_reported, prepare_output, staged_directory
 
 METHODS = ("none", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0: the kernel's default; 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
-
-
-class QuantizationError(ExportError):
-    """The quantization cannot be done as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +134,6 @@ def quantize_graph(source: Path, target: Path, quantization: Quantization, vocab
             _int8(source, target, quantization, vocab_size)
         else:
             _int4(source, target, quantization, vocab_size)
-    except ValueError as e:  # a weight the expert quantizers cannot lay out (their message says why)
-        raise QuantizationError(str(e)) from None
     finally:
         logging.disable(logging.NOTSET)
         root.handlers[:] = handlers

@@ -37,9 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .staging import ExportError
+
 ROUTER_WEIGHTS_INPUT = 14  # QMoE's optional inputs before it: biases, fc3, zero points
 CUDA_LAYOUT_ARCH = 80  # onnxruntime's SM80 mixed-GEMM layout (see the module docstring)
 CUDA_BLOCK_SIZES = (32, 64, 128)  # the block sizes the CUDA kernel was measured to compute correctly
+
+
+class QuantizationError(ExportError):
+    """The quantization cannot be done as asked; the message says what to change."""
 
 
 def experts_layout(dtype: str) -> str:
@@ -99,7 +105,7 @@ def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
     """``[E, N, K]`` float -> packed uint8 ``[E, N, K / 2]`` and scales ``[E, N, K / block]``."""
     experts, rows, cols = weight.shape
     if cols % block_size:
-        raise ValueError(f"an expert's input width {cols} is not a multiple of the block size {block_size}")
+        raise QuantizationError(f"an expert's input width {cols} is not a multiple of the block size {block_size}")
     packed = np.empty((experts, rows, cols // 2), dtype=np.uint8)
     scales = np.empty((experts, rows, cols // block_size), dtype=np.float32)
 
@@ -123,14 +129,14 @@ def quantize_int4_for_cuda(weight: np.ndarray, block_size: int) -> tuple[np.ndar
     try:
         from onnxruntime.quantization.cuda_quantizer import CudaQuantizer
     except ImportError:
-        raise ValueError(f"onnxruntime {onnxruntime.__version__} has no CUDA expert quantizer "
-                         "(onnxruntime.quantization.cuda_quantizer): install onnxruntime >= 1.32 or onnxruntime-gpu "
-                         ">= 1.31.1 to quantize experts for CUDA") from None
+        raise QuantizationError(f"onnxruntime {onnxruntime.__version__} has no CUDA expert quantizer "
+                                "(onnxruntime.quantization.cuda_quantizer): install onnxruntime >= 1.32 or "
+                                "onnxruntime-gpu >= 1.31.1 to quantize experts for CUDA") from None
     experts, rows, cols = weight.shape
     if cols % 64 or rows % 16:
-        raise ValueError(f"an expert's weight [{rows}, {cols}] cannot be laid out for onnxruntime's CUDA expert "
-                         "kernel, which needs an input width that is a multiple of 64 and an output width that is a "
-                         "multiple of 16; quantize an fp32 export for the CPU instead")
+        raise QuantizationError(f"an expert's weight [{rows}, {cols}] cannot be laid out for onnxruntime's CUDA "
+                                "expert kernel, which needs an input width that is a multiple of 64 and an output "
+                                "width that is a multiple of 16; quantize an fp32 export for the CPU instead")
     packed = np.empty((experts, cols, rows // 2), dtype=np.uint8)
     scales = np.empty((experts, rows, cols // block_size), dtype=np.float32)
 
