@@ -25,7 +25,7 @@ from ..models.modeling import LLaDAModel
 from ..runtime.contract import BLOCK_FORWARD
 from ..runtime.errors import LladaOnnxError
 from ..runtime.manifest import Manifest
-from ..runtime.providers import ProviderUnavailableError, resolve
+from ..runtime.providers import ProviderUnavailableError, resolve, session_options
 
 FP32_RELATIVE_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 0.99
@@ -68,7 +68,7 @@ def validate_export(export_dir, model: LLaDAModel, *, dtype: str, device: str = 
     manifest = Manifest.load(export_dir)
     providers = _providers(device)
     provider = providers[0][0]
-    session = ort.InferenceSession(str(manifest.graph_path), providers=providers)
+    session = ort.InferenceSession(str(manifest.graph_path), session_options(provider), providers=providers)
     block = manifest.main_kind == BLOCK_FORWARD.name
     inputs = validation_inputs(manifest)
     by_mean = dtype != "fp32" and bool(manifest.raw.get("moe")) and not quantized
@@ -230,9 +230,9 @@ def validate_against_float(quantized_dir, float_dir, *, device: str = "cpu") -> 
     # onnxruntime maps an external weight file into memory and reads it in place, unless a kernel pre-packs the
     # weight, which copies it: the float graph, the largest thing here (65 GB for LLaDA2-mini in fp32), is run
     # unpacked, so validating costs the quantized graph's memory and not the float graph's as well.
-    unpacked = ort.SessionOptions()
+    unpacked = session_options(provider)
     unpacked.add_session_config_entry("session.disable_prepacking", "1")
-    sessions = [ort.InferenceSession(str(quantized.graph_path), providers=providers),
+    sessions = [ort.InferenceSession(str(quantized.graph_path), session_options(provider), providers=providers),
                 ort.InferenceSession(str(reference.graph_path), unpacked, providers=providers)]
     same, diffs, prob_diff, scale, finite = [], [], 0.0, 1.0, True
     for feeds in validation_inputs(reference):

@@ -211,6 +211,27 @@ def test_directml_session_options():
     assert providers.session_options("CPUExecutionProvider").enable_mem_pattern is True
 
 
+@pytest.mark.parametrize("machine,flags,exact", [("x86_64", {"avx2"}, True), ("x86_64", {"avx2", "avx512_vnni"}, False),
+                                                 ("AMD64", {"avx2", "avx_vnni"}, False), ("aarch64", set(), False)])
+def test_int8_products_are_exact_where_onnxruntime_would_clamp_them(monkeypatch, machine, flags, exact):
+    """x86 CPUs without VNNI clamp onnxruntime's default int8 products: sessions there ask for the exact kernels,
+    the others keep the fast ones, and a caller's own setting stands."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(providers.platform, "machine", lambda: machine)
+    monkeypatch.setattr(providers, "_cpu_flags", lambda: flags)
+    providers.int8_products_saturate.cache_clear()
+    try:
+        so = providers.session_options("CPUExecutionProvider")
+        assert providers._has_entry(so, providers.EXACT_INT8_PRODUCTS) is exact
+        own = ort.SessionOptions()
+        own.add_session_config_entry(providers.EXACT_INT8_PRODUCTS, "0")
+        kept = providers.session_options("CPUExecutionProvider", base=own)
+        assert kept.get_session_config_entry(providers.EXACT_INT8_PRODUCTS) == "0"
+    finally:
+        providers.int8_products_saturate.cache_clear()
+
+
 def test_silent_fallback_is_caught():
     class FakeSession:
         def get_providers(self):
