@@ -19,7 +19,6 @@ cost on this CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import machine
-from .report import table
+from .report import save_report, table
 
 INT16 = (-32768.0, 32767.0)
 
@@ -145,16 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                          "decisive_top1_agreement": report["logits"]["decisive_top1_agreement"]})
     lines = table(["int8 products", "masked-token loss vs torch", "verify"],
                   [[r["products"], f"{r['loss_change']:+.2%}", "passed" if r["passed"] else "FAILED"] for r in rows])
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "int8_products_saturate": int8_products_saturate(), "rows": rows}
     if a.time:
         report["step_ms"] = ms = step_ms(a.time, a.reps)
         lines += ["", f"{a.time}: one step {ms['default']:.1f} ms with the default kernels, {ms['exact']:.1f} ms "
                       f"with the exact ones ({ms['exact'] / ms['default']:.2f}x)"]
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_report(Path(a.out), report, "\n".join(lines) + "\n")
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .harness import MOE_PRESETS, machine
-from .report import table
+from .report import save_report, table
 
 SHARD_BYTES = 5 << 30
 
@@ -113,12 +113,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{forward['peak_rss_mb']:,.0f}"]]
     lines = [f"checkpoint: {weights_gb:.2f} GB of bf16 weights", "",
              *table(["process", "seconds", "peak RSS MB"], rows)]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "weights_gb": weights_gb, "load": load, "forward": forward, "tokens": a.tokens}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_report(Path(a.out), report, "\n".join(lines) + "\n")
     return 0
 
 

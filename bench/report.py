@@ -40,11 +40,16 @@ def ms_chart(report: dict, xlabel: str, *, log: bool = False):
     return fig
 
 
-def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict], Any], png: str) -> None:
-    """Write the three files; ``chart(report)`` returns the matplotlib figure to save as ``png``."""
+def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict], Any] | None = None,
+                png: str | None = None) -> None:
+    """Write ``report.json``, ``report.md`` and, given ``chart`` (``chart(report)`` returns the matplotlib figure),
+    the figure as ``png``; print the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown, encoding="utf-8")
+    if chart is None:
+        print(markdown)
+        return
     fig = chart(report)
     fig.tight_layout()
     fig.savefig(out / png, dpi=110)
