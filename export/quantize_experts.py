@@ -4,7 +4,10 @@ onnxruntime's QMoE kernels read their integer expert weights in two layouts, one
 dtype picks the layout as it picks the provider (fp32 graphs run on the CPU, fp16 graphs on CUDA):
 
 * **CPU** (fp32 graphs): the MoE layout (``[experts, out, in]``, gate and up rows interleaved), packed along
-  ``in``, with float scales; the zero point is implicit (``2^(bits-1)``).
+  ``in``, with fp16 scales (the kernel takes half-precision scales beside float32 activations; float32 ones would
+  be 0.8 GB of LLaDA-MoE's int4 export at blocks of 32; rounding a scale above 6.1e-5 to fp16 moves a weight by
+  at most 2^-11 of itself, against int4's own rounding of up to 1/14 of the block's largest); the zero point is
+  implicit (``2^(bits-1)``).
 
   * ``int4``: symmetric 4-bit in blocks of ``block_size`` along ``in`` (scales ``[E, out, in / block]``), two
     values a byte, the even one in the low nibble;
@@ -75,7 +78,7 @@ def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
                 packed, scales = quantize_int4_for_cuda(weight, block_size)
             else:
                 packed, scales = quantize_int4(weight, block_size) if method == "int4" else quantize_int8(weight)
-            for suffix, array in (("_q", packed), ("_scales", scales.astype(weight.dtype))):
+            for suffix, array in (("_q", packed), ("_scales", scales.astype(np.float16))):
                 model.graph.initializer.append(numpy_helper.from_array(array, name + suffix))
             outs.append((name + "_q", name + "_scales"))
             model.graph.initializer.remove(initializers[name])

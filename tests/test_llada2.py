@@ -16,6 +16,8 @@ from llada_onnx.models.llada2 import LLaDA2Config, LLaDA2Model, block_bias
 from llada_onnx.models.moe import grouped_routing
 from llada_onnx.models.tiny import make_tiny_llada2_checkpoint
 
+from conftest import dequantized_experts
+
 MASK, EOS = 156895, 156892
 # the real mini config's values (shared/reference/llada2-mini/config.json)
 MINI = {"architectures": ["LLaDA2MoeModelLM"], "hidden_size": 2048, "num_hidden_layers": 20,
@@ -243,7 +245,7 @@ def test_quantized_routed_experts_are_the_dequantized_ones(tmp_path, llada2, met
     import onnx
     import onnxruntime as ort
 
-    from llada_onnx.export.quantize_experts import quantize_experts, quantize_int4, quantize_int8
+    from llada_onnx.export.quantize_experts import quantize_experts
 
     routed = _routed_experts(llada2)
     x = _export_routed(routed, tmp_path / "moe.onnx", "fused", llada2.config.hidden_size)
@@ -252,16 +254,8 @@ def test_quantized_routed_experts_are_the_dequantized_ones(tmp_path, llada2, met
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x.numpy()})[0]
 
-    def dequantized(w: torch.Tensor) -> torch.Tensor:
-        w = w.numpy()
-        if method == "int8":
-            q, scales = quantize_int8(w)
-            return torch.from_numpy((q.astype(np.float32) - 128) * scales[..., None])
-        packed, scales = quantize_int4(w, 16)
-        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(w.shape).astype(np.float32) - 8
-        return torch.from_numpy((q.reshape(*w.shape[:2], -1, 16) * scales[..., None]).reshape(w.shape))
-
-    want = _routed_experts(llada2, *(dequantized(w) for w in (routed.fc1, routed.fc2)))(x).numpy()
+    want = _routed_experts(llada2, *(torch.from_numpy(dequantized_experts(w.numpy(), method, 16))
+                                     for w in (routed.fc1, routed.fc2)))(x).numpy()
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max(), rtol=0)
 
 

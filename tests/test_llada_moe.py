@@ -21,7 +21,7 @@ from llada_onnx.models.moe import interleave_gate_up, moe_swiglu
 from llada_onnx.models.tiny import MOE_SPECIALS
 from llada_onnx.runtime import Manifest, Pipeline
 
-from conftest import prompts
+from conftest import dequantized_experts, prompts
 
 PAD = MOE_SPECIALS["<|endoftext|>"]
 
@@ -111,7 +111,7 @@ def test_qmoe_is_the_dequantized_experts(method):
     """One MoE node rewritten as QMoE computes the official routing over the dequantized expert weights."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from llada_onnx.export.quantize_experts import quantize_experts, quantize_int4, quantize_int8
+    from llada_onnx.export.quantize_experts import quantize_experts
 
     rng = np.random.default_rng(0)
     experts, hidden, inter, tokens, k = 4, 32, 16, 5, 2
@@ -131,15 +131,7 @@ def test_qmoe_is_the_dequantized_experts(method):
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "logits": logits})[0]
 
-    def dequantized(w):
-        if method == "int8":
-            q, scales = quantize_int8(w)
-            return (q.astype(np.float32) - 128) * scales[..., None]
-        packed, scales = quantize_int4(w, 16)
-        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(w.shape).astype(np.float32) - 8
-        return (q.reshape(*w.shape[:2], -1, 16) * scales[..., None]).reshape(w.shape)
-
-    d1, d2 = dequantized(fc1), dequantized(fc2)
+    d1, d2 = (dequantized_experts(w, method, 16) for w in (fc1, fc2))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     want = np.zeros_like(x)
