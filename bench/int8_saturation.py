@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import machine
+from .quantization import no_spinning
 from .report import save_report, table
 
 INT16 = (-32768.0, 32767.0)
@@ -105,9 +106,8 @@ def step_ms(export_dir: Path, reps: int) -> dict[str, float]:
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "positions": np.arange(64, 96)[None]}
     sessions = {}
     for kernels, entry in (("default", "0"), ("exact", "1")):
-        so = ort.SessionOptions()
+        so = no_spinning()  # two sessions share the cores
         so.add_session_config_entry(EXACT_INT8_PRODUCTS, entry)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # two sessions share the cores
         sessions[kernels] = ort.InferenceSession(str(manifest.graph_path), so, providers=["CPUExecutionProvider"])
         sessions[kernels].run(["top_ids"], feeds)
     times = {kernels: [] for kernels in sessions}

@@ -47,11 +47,9 @@ def save_report(out: Path, report: dict, markdown: str, chart: Callable[[dict], 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown, encoding="utf-8")
-    if chart is None:
-        print(markdown)
-        return
-    fig = chart(report)
-    fig.tight_layout()
-    fig.savefig(out / png, dpi=110)
-    pyplot().close(fig)
+    if chart is not None:
+        fig = chart(report)
+        fig.tight_layout()
+        fig.savefig(out / png, dpi=110)
+        pyplot().close(fig)
     print(markdown)

@@ -5,9 +5,9 @@ dtype picks the layout as it picks the provider (fp32 graphs run on the CPU, fp1
 
 * **CPU** (fp32 graphs): the MoE layout (``[experts, out, in]``, gate and up rows interleaved), packed along
   ``in``, with fp16 scales (the kernel takes half-precision scales beside float32 activations; float32 ones would
-  be 0.8 GB of LLaDA-MoE's int4 export at blocks of 32; rounding a scale above 6.1e-5 to fp16 moves a weight by
-  at most 2^-11 of itself, against int4's own rounding of up to 1/14 of the block's largest); the zero point is
-  implicit (``2^(bits-1)``).
+  be 0.8 GB of LLaDA-MoE's int4 export at blocks of 32; an fp16 scale above 6.1e-5 is within 2^-11 of the exact
+  one, against int4's own rounding of up to 1/14 of the block's largest, and the values are rounded against it);
+  the zero point is implicit (``2^(bits-1)``).
 
   * ``int4``: symmetric 4-bit in blocks of ``block_size`` along ``in`` (scales ``[E, out, in / block]``), two
     values a byte, the even one in the low nibble;
@@ -78,7 +78,7 @@ def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
                 packed, scales = quantize_int4_for_cuda(weight, block_size)
             else:
                 packed, scales = quantize_int4(weight, block_size) if method == "int4" else quantize_int8(weight)
-            for suffix, array in (("_q", packed), ("_scales", scales.astype(np.float16))):
+            for suffix, array in (("_q", packed), ("_scales", scales)):
                 model.graph.initializer.append(numpy_helper.from_array(array, name + suffix))
             outs.append((name + "_q", name + "_scales"))
             model.graph.initializer.remove(initializers[name])
@@ -105,17 +105,18 @@ def quantize_experts(model, folder: Path, method: str, block_size: int) -> int:
 
 
 def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[E, N, K]`` float -> packed uint8 ``[E, N, K / 2]`` and scales ``[E, N, K / block]``."""
+    """``[E, N, K]`` float -> packed uint8 ``[E, N, K / 2]`` and fp16 scales ``[E, N, K / block]`` (the values are
+    rounded against the fp16 scales, the ones the kernel multiplies by)."""
     experts, rows, cols = weight.shape
     if cols % block_size:
         raise QuantizationError(f"an expert's input width {cols} is not a multiple of the block size {block_size}")
     packed = np.empty((experts, rows, cols // 2), dtype=np.uint8)
-    scales = np.empty((experts, rows, cols // block_size), dtype=np.float32)
+    scales = np.empty((experts, rows, cols // block_size), dtype=np.float16)
 
     def one(e: int) -> None:
         blocks = weight[e].astype(np.float32).reshape(rows, cols // block_size, block_size)
-        scale = np.abs(blocks).max(-1) / 7
-        safe = np.where(scale == 0, 1, scale)
+        scale = (np.abs(blocks).max(-1) / 7).astype(np.float16)
+        safe = np.where(scale == 0, 1, scale.astype(np.float32))
         q = (np.clip(np.round(blocks / safe[..., None]), -8, 7).astype(np.int16) + 8).astype(np.uint8)
         q = q.reshape(rows, cols)
         packed[e], scales[e] = q[:, 0::2] | (q[:, 1::2] << 4), scale
@@ -125,7 +126,7 @@ def quantize_int4(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.n
 
 
 def quantize_int4_for_cuda(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[E, N, K]`` float -> the CUDA kernel's packed uint8 ``[E, K, N / 2]`` and scales ``[E, N, K / block]``."""
+    """``[E, N, K]`` float -> the CUDA kernel's packed uint8 ``[E, K, N / 2]`` and fp16 scales ``[E, N, K / block]``."""
     import onnxruntime
     import torch
 
@@ -141,7 +142,7 @@ def quantize_int4_for_cuda(weight: np.ndarray, block_size: int) -> tuple[np.ndar
                                 "expert kernel, which needs an input width that is a multiple of 64 and an output "
                                 "width that is a multiple of 16; quantize an fp32 export for the CPU instead")
     packed = np.empty((experts, cols, rows // 2), dtype=np.uint8)
-    scales = np.empty((experts, rows, cols // block_size), dtype=np.float32)
+    scales = np.empty((experts, rows, cols // block_size), dtype=np.float16)
 
     def one(e: int) -> None:
         q, s = CudaQuantizer.qmoe_prepacked_blockwise_quantize(
@@ -153,14 +154,15 @@ def quantize_int4_for_cuda(weight: np.ndarray, block_size: int) -> tuple[np.ndar
 
 
 def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``[E, N, K]`` float -> uint8 ``[E, N, K]`` (zero point 128) and per-channel scales ``[E, N]``."""
+    """``[E, N, K]`` float -> uint8 ``[E, N, K]`` (zero point 128) and fp16 per-channel scales ``[E, N]`` (the
+    values rounded against them)."""
     q = np.empty(weight.shape, dtype=np.uint8)
-    scales = np.empty(weight.shape[:2], dtype=np.float32)
+    scales = np.empty(weight.shape[:2], dtype=np.float16)
 
     def one(e: int) -> None:
         w = weight[e].astype(np.float32)
-        scale = np.abs(w).max(-1) / 127
-        safe = np.where(scale == 0, 1, scale)
+        scale = (np.abs(w).max(-1) / 127).astype(np.float16)
+        safe = np.where(scale == 0, 1, scale.astype(np.float32))
         q[e] = (np.clip(np.round(w / safe[..., None]), -128, 127).astype(np.int16) + 128).astype(np.uint8)
         scales[e] = scale
 

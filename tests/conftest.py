@@ -113,15 +113,15 @@ def loaded_tiny(tiny_ckpt) -> LLaDAModel:
 
 def dequantized_experts(weight: np.ndarray, method: str, block_size: int) -> np.ndarray:
     """Expert weights ``[E, out, in]`` as the CPU ``QMoE`` kernel sees them after ``quantize_experts``: quantized,
-    then multiplied back by their scales rounded to fp16, as the graph stores them."""
+    then multiplied back by their (fp16) scales."""
     from llada_onnx.export.quantize_experts import quantize_int4, quantize_int8
 
     if method == "int8":
         q, scales = quantize_int8(weight)
-        return (q.astype(np.float32) - 128) * scales.astype(np.float16).astype(np.float32)[..., None]
+        return (q.astype(np.float32) - 128) * scales.astype(np.float32)[..., None]
     packed, scales = quantize_int4(weight, block_size)
     q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(weight.shape).astype(np.float32) - 8
-    blocks = q.reshape(*weight.shape[:2], -1, block_size) * scales.astype(np.float16).astype(np.float32)[..., None]
+    blocks = q.reshape(*weight.shape[:2], -1, block_size) * scales.astype(np.float32)[..., None]
     return blocks.reshape(weight.shape)
 
 
