@@ -7,7 +7,8 @@ medians over ``--reps`` calls after warm-up: the exact graph's full forward (pre
 refresh (full forward that also returns every layer's keys/values), a dual-cache step (the 32 block tokens
 against the cache) and a prefix-cache step (the block and everything after it). On CUDA inputs and the cache
 are bound on the device (IOBinding), as the runtime does, and cached steps are replayed as CUDA graphs (the
-runtime's default); the dual step is also timed without them. The ratio step / full forward bounds the
+runtime's default); the dual step is also timed without them, and with ``--profile`` its kernels are recorded
+(``bench.kernel_profile``). The ratio step / full forward bounds the
 end-to-end gain: with s steps per block, a block costs one refresh and s - 1 cached steps.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 from llada_onnx.runtime import Pipeline
 from llada_onnx.runtime.kv_cache import KVCacheSession
 
+from . import kernel_profile
 from .report import pyplot, save_report, table
 from .harness import machine, prepare_model
 
@@ -41,7 +43,7 @@ def timed(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(pipe: Pipeline, length: int, reps: int, uncaptured: KVCacheSession | None) -> dict:
+def measure(pipe: Pipeline, length: int, reps: int, uncaptured: KVCacheSession | None, profile: bool) -> dict:
     vocab = pipe.manifest.vocab_size
     canvas = np.random.default_rng(0).integers(0, min(vocab, 1000), size=(1, length))
     canvas[:, PROMPT:] = pipe.manifest.id("mask_token_id")
@@ -49,16 +51,21 @@ def measure(pipe: Pipeline, length: int, reps: int, uncaptured: KVCacheSession |
     window = np.arange(PROMPT, PROMPT + BLOCK, dtype=np.int64)[None]
     cache = pipe.kv_cache
     _, kv = cache.refresh(canvas, mask, window, logits=False)
+
+    def dual_step():
+        return cache.step(canvas, mask, PROMPT, PROMPT + BLOCK, window, kv, logits=False)
+
     row = {"length": length,
            "full_forward_ms": timed(lambda: pipe.graph.run(canvas, mask, window), reps),
            "refresh_ms": timed(lambda: cache.refresh(canvas, mask, window, logits=False), reps),
-           "dual_step_ms": timed(lambda: cache.step(canvas, mask, PROMPT, PROMPT + BLOCK, window, kv,
-                                                    logits=False), reps),
+           "dual_step_ms": timed(dual_step, reps),
            "prefix_step_ms": timed(lambda: cache.step(canvas, mask, PROMPT, length, window, kv, logits=False), reps)}
     if uncaptured is not None:
         _, plain_kv = uncaptured.refresh(canvas, mask, window, logits=False)
         row["dual_step_uncaptured_ms"] = timed(lambda: uncaptured.step(canvas, mask, PROMPT, PROMPT + BLOCK, window,
                                                                        plain_kv, logits=False), reps)
+    if profile:
+        row["dual_step_profile"] = kernel_profile.profile(dual_step)
     row["dual_step_fraction"] = row["dual_step_ms"] / row["full_forward_ms"]
     row["prefix_step_fraction"] = row["prefix_step_ms"] / row["full_forward_ms"]
     return row
@@ -78,6 +85,11 @@ def markdown(report: dict) -> str:
                                                               *(["dual_step_uncaptured_ms"] if plain else []),
                                                               "prefix_step_ms")),
                      f"{r['dual_step_fraction']:.3f}", f"{r['prefix_step_fraction']:.3f}"] for r in report["rows"]])
+    for r in report["rows"]:
+        if "dual_step_profile" in r:
+            lines += ["", f"Dual-cache step at canvas {r['length']}, replayed. " + kernel_profile.markdown(
+                {"llada-onnx dual-cache step": r["dual_step_profile"]},
+                {"llada-onnx dual-cache step": r["dual_step_ms"]})]
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--export", help="time this export (made with --cache) instead of the --models one")
     p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--profile", action="store_true", help="also record the dual step's CUDA kernels (CUPTI)")
     p.add_argument("--work", default=".bench")
     p.add_argument("--out", default="bench/results/cache-step")
     a = p.parse_args(argv)
@@ -123,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     uncaptured = KVCacheSession(pipe.manifest, "cuda", cuda_graphs=False) if a.provider == "cuda" else None
     report = {"model": name, "parameters": parameters, "provider": a.provider, "threads": a.threads,
               "fusion": pipe.manifest.raw.get("fusion", "none"), "reps": a.reps,
-              "machine": machine(), "rows": [measure(pipe, n, a.reps, uncaptured) for n in lengths]}
+              "machine": machine(), "rows": [measure(pipe, n, a.reps, uncaptured, a.profile)
+                                                      for n in lengths]}
     save_report(Path(a.out), report, markdown(report), chart, "latency.png")
     return 0
 

@@ -12,8 +12,9 @@ predicts the positions of one 32-token block, as a step of the sampler does:
 - the runtime: each ``--export``'s graph through ``GraphSession.run``, the sampler's own call (inputs bound on the
   device on CUDA), there both replayed as a CUDA graph (the default) and launched kernel by kernel.
 
-Engines alternate round by round; medians of ``--reps`` after ``--warmup`` calls. Writes ``report.json``,
-``report.md`` and ``forward.png`` to ``--out``.
+Engines alternate round by round; medians of ``--reps`` after ``--warmup`` calls. With ``--profile`` (CUDA),
+each engine's kernels are then recorded over a few calls and grouped by what they do (``bench.kernel_profile``).
+Writes ``report.json``, ``report.md`` and ``forward.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kernel_profile
 from .harness import engine_arguments, machine, model_checkpoint, time_engines
 from .report import ms_chart, save_report, table
 
@@ -71,8 +73,9 @@ def runtime_calls(exports: list[Path], provider: str, threads: int | None) -> di
 
 
 def measure(torch_side: dict, runtime_side: dict, *, vocab: int, mask_id: int, batch: int, length: int,
-            device: str, warmup: int, reps: int) -> dict:
-    """Median ms per engine at one batch size; an engine that raises is reported with its error."""
+            device: str, warmup: int, reps: int, profile: bool = False) -> dict:
+    """Median ms per engine at one batch size, and with ``profile`` its kernel profile; an engine that raises is
+    reported with its error."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(vocab, 1000), size=(batch, length))
     ids[:, PROMPT:] = mask_id
@@ -86,7 +89,12 @@ def measure(torch_side: dict, runtime_side: dict, *, vocab: int, mask_id: int, b
     inputs["runtime"] = (ids, mask, block)
     engines = {**{n: (lambda f=f: f(*inputs["torch"])) for n, f in torch_side.items()},
                **{n: (lambda f=f: f(*inputs["runtime"])) for n, f in runtime_side.items()}}
-    return time_engines(engines, warmup=warmup, reps=reps)
+    results = time_engines(engines, warmup=warmup, reps=reps)
+    if profile:
+        for name, fn in engines.items():
+            if "ms" in results[name]:
+                results[name]["profile"] = kernel_profile.profile(fn)
+    return results
 
 
 def markdown(report: dict) -> str:
@@ -105,6 +113,11 @@ def markdown(report: dict) -> str:
             ratio = f"{r['ms'] / ran[base]:.2f}x" if "ms" in r else "-"
             rows.append([batch, name, f"{r['ms']:.2f}" if "ms" in r else "failed: " + r["error"], ratio])
     lines += table(["batch", "engine", "ms / forward", f"vs {' / '.join(sorted(b for b in bases if b))}"], rows)
+    for batch, result in report["results"].items():
+        profiled = {n: r for n, r in result.items() if "profile" in r}
+        if profiled:
+            lines += ["", f"Batch {batch}. " + kernel_profile.markdown({n: r["profile"] for n, r in profiled.items()},
+                                                                     {n: r["ms"] for n, r in profiled.items()})]
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config.json for --models 8b")
     p.add_argument("--length", type=int, default=320)
     p.add_argument("--n-layers", type=int, help="the model's depth cut to this many layers (torch's side)")
+    p.add_argument("--profile", action="store_true", help="also record each engine's CUDA kernels (CUPTI)")
     engine_arguments(p, "bench/results/forward")
     a = p.parse_args(argv)
     from llada_onnx.models import read_checkpoint_config
@@ -126,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime_side = runtime_calls([Path(e) for e in a.export], a.provider, a.threads)
     vocab, mask_id = architecture.sizes(cfg).vocab_size, cfg.special_ids()["mask_token_id"]
     results = {b: measure(torch_side, runtime_side, vocab=vocab, mask_id=mask_id, batch=b,
-                          length=a.length, device=device, warmup=a.warmup, reps=a.reps)
+                          length=a.length, device=device, warmup=a.warmup, reps=a.reps,
+                          profile=a.profile)
                for b in (int(x) for x in a.batches.split(","))}
     report = {"model": f"{a.models} ({architecture.parameter_count(cfg) / 1e6:,.0f}M parameters)",
               "device": a.provider, "length": a.length, "reps": a.reps, "machine": machine(), "results": results}

@@ -5,20 +5,19 @@
 #
 #     PYTHONPATH=<onnxruntime-gpu>:<project> bash bench/llada_8b_gpu.sh [STAGE ...]
 #
-# Stages, in the order given (default: all five GPU stages; cpu-int4 only when named):
+# Stages, in the order given (default: all five GPU stages; cpu-quant only when named):
 #   checkpoint  draw the checkpoint into $WORK (16 GB)
 #   export      fp16 `--fusion ort` export for CUDA with its KV-cache graphs (unvalidated: the same graphs as the
 #               validated 8B exports; only how the runtime launches them is measured here)
 #   forward     one exact-sampler forward, canvas 320, batch 1 and 4 (bench.forward): torch bf16 eager,
-#               torch.compile (default, reduce-overhead), the runtime replayed as a CUDA graph and kernel by kernel
+#               torch.compile (default, reduce-overhead), the runtime replayed as a CUDA graph and kernel by kernel;
+#               each engine's kernels grouped by what they do (--profile)
 #   run         whole generations (gen 256, 256 steps, block 32; bench.run): tokens/s against torch eager and
 #               torch.compile (reduce-overhead)
 #   step        the dual-cache step at canvas 1088, block 32 (bench.cache_step) and torch.compile's step of the same
-#               algorithm (bench.step_floor --compile), both replayed as CUDA graphs
-#   cpu-int4    the CPU: int8, int4 and int4 at accuracy level 4 (int8 dot products: AVX-512 VNNI / AMX; the int4
-#               export's graph rewritten, weights hard-linked), one forward each at 16 threads (bench.forward);
-#               each export's validation against torch fp32 is in the log. Two fp32 traces: ~40 GB of RAM,
-#               15 GB more disk
+#               algorithm (bench.step_floor --compile), both replayed as CUDA graphs, with their kernel profiles
+#   cpu-quant   the CPU at 16 threads: fp32, int8, int4 and int4 at accuracy level 4 (int8 dot products: AVX-512
+#               VNNI / AMX) at the 8B width with 2 of its 32 layers (bench.quantization: size, step, agreement)
 # Logs: $WORK/8b-STAGE.log.
 set -uo pipefail
 W=${WORK:-.bench}; R=${RESULTS:-bench/results}; C=${CONFIG:-bench/configs/llada-8b-instruct/config.json}; M=$W/8b
@@ -35,7 +34,7 @@ export_fp16() {
 
 forward() {
   python3 -m bench.forward --models 8b --config $C --work $W --export $M/onnx-fp16-ort --provider cuda --batches 1,4 \
-      --compile default,reduce-overhead --out $R/gpu-h200-8b-forward
+      --compile default,reduce-overhead --profile --out $R/gpu-h200-8b-forward
 }
 
 run() {
@@ -44,17 +43,15 @@ run() {
 }
 
 step() {
-  python3 -m bench.cache_step --export $M/onnx-fp16-ort --provider cuda --lengths 1088 --out $R/gpu-h200-8b-cache-step &&
-  python3 -m bench.step_floor --config $C --device cuda --length 1088 --compile --out $R/gpu-h200-8b-step-floor
+  python3 -m bench.cache_step --export $M/onnx-fp16-ort --provider cuda --lengths 1088 --profile \
+      --out $R/gpu-h200-8b-cache-step &&
+  python3 -m bench.step_floor --config $C --device cuda --length 1088 --compile --profile \
+      --out $R/gpu-h200-8b-step-floor
 }
 
-cpu_int4() {
-  local q=$M/onnx-int4 e=$M/onnx-int8
-  timed llada-onnx export $M/checkpoint $q --quantize int4 --scratch /dev/shm --force &&
-  timed llada-onnx export $M/checkpoint $e --quantize int8 --scratch /dev/shm --force &&
-  rm -rf $q-acc4 && python3 -m bench.accuracy_level $q $q-acc4 4 && du -sh $e $q &&
-  python3 -m bench.forward --models 8b --config $C --work $W --no-torch --export $e --export $q --export $q-acc4 \
-      --provider cpu --threads 16 --batches 1 --out $R/cpu-h200-8b-int4
+cpu_quant() {
+  python3 -m bench.quantization --models 8b --config $C --work $W --n-layers 2 --threads 16 \
+      --variants fp32,fp32-int8,fp32-int4-b32,fp32-int4-b32-acc4 --reps 7 --out $R/quantization-cpu16-h200-8b-2l
 }
 
 mkdir -p $W $R

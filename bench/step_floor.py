@@ -15,7 +15,8 @@ a 64-token prompt, block 32; medians over ``--reps``):
   activation into a few generated kernels; ``--compile-mode max-autotune-no-cudagraphs`` also tunes the GEMMs).
 
 On CUDA every step variant is replayed as a CUDA graph, as the runtime replays its steps, so launch overhead is
-out of the comparison. Needs torch (the ``torch`` extra, or a CUDA build of torch on a GPU machine).
+out of the comparison; with ``--profile`` the steps' kernels are recorded too (``bench.kernel_profile``), to set
+beside ``bench.cache_step --profile``. Needs torch (the ``torch`` extra, or a CUDA build of torch on a GPU machine).
 The prompt and block are ``bench.cache_step``'s, whose runtime figures these compare with.
 """
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from .cache_step import BLOCK, PROMPT, timed
+from . import kernel_profile
 from .report import pyplot, save_report, table
 from .harness import machine
 
@@ -51,7 +53,8 @@ def _graphed(fn, device: str):
     return graph.replay
 
 
-def measure(config: dict, *, device: str, length: int, reps: int, compile_mode: str | None) -> dict:
+def measure(config: dict, *, device: str, length: int, reps: int, compile_mode: str | None,
+            profile: bool = False) -> dict:
     import torch
 
     from llada_onnx.models import LLaDAConfig
@@ -96,15 +99,18 @@ def measure(config: dict, *, device: str, length: int, reps: int, compile_mode: 
     def synced(fn):  # CUDA runs asynchronously: a call is timed up to its last kernel
         return (lambda: (fn(), torch.cuda.synchronize())) if device == "cuda" else fn
 
-    row = {"full_forward_ms": timed(synced(full), reps),
-           "step_products_ms": timed(synced(_graphed(products, device)), reps),
-           "dual_step_ms": timed(synced(_graphed(step, device)), reps)}
+    steps = {"step_products_ms": synced(_graphed(products, device)), "dual_step_ms": synced(_graphed(step, device))}
+    row = {"full_forward_ms": timed(synced(full), reps), **{k: timed(fn, reps) for k, fn in steps.items()}}
     if compile_mode is not None:
         compiled = torch.compile(step, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
         start = time.perf_counter()
         synced(compiled)()
         row["compile_s"] = time.perf_counter() - start
-        row["dual_step_compiled_ms"] = timed(synced(_graphed(compiled, device)), reps)
+        steps["dual_step_compiled_ms"] = synced(_graphed(compiled, device))
+        row["dual_step_compiled_ms"] = timed(steps["dual_step_compiled_ms"], reps)
+    if profile:
+        labels = dict(VARIANTS)
+        row["profiles"] = {labels[k]: kernel_profile.profile(fn) for k, fn in steps.items()}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"model": dataclasses.asdict(cfg), "parameters": sum(p.numel() for p in model.parameters()),
             "weight_bytes": weights, "dtype": str(dtype).removeprefix("torch."), "length": length, **row}
@@ -124,6 +130,9 @@ def markdown(report: dict) -> str:
     lines += table(["what", "ms", "/ full forward"],
                    [[label, f"{r[key]:.2f}", f"{r[key] / r['full_forward_ms']:.3f}"]
                     for key, label in VARIANTS if key in r])
+    if "profiles" in r:
+        wall = {label: r[key] for key, label in VARIANTS if key in r}
+        lines += ["", kernel_profile.markdown(r["profiles"], wall)]
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--compile", dest="compile_mode", nargs="?", const="default", default=None,
                    help="also time the step compiled by torch.compile (optionally naming its mode)")
+    p.add_argument("--profile", action="store_true", help="also record the steps' CUDA kernels (CUPTI)")
     p.add_argument("--out", default="bench/results/step-floor")
     a = p.parse_args(argv)
     config = json.loads(Path(a.config).read_text())
@@ -154,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         config["n_layers"] = a.n_layers
     if a.length <= PROMPT + BLOCK:
         raise SystemExit(f"--length must exceed the {PROMPT}-token prompt and the {BLOCK}-token block")
-    result = measure(config, device=a.device, length=a.length, reps=a.reps, compile_mode=a.compile_mode)
+    result = measure(config, device=a.device, length=a.length, reps=a.reps, compile_mode=a.compile_mode,
+                     profile=a.profile)
     result["n_layers"] = result["model"]["n_layers"]
     report = {"parameters": result["parameters"], "device": a.device, "reps": a.reps,
               "compile_mode": a.compile_mode, "machine": machine(), "result": result}

@@ -87,3 +87,25 @@ def test_block_step_smoke(tmp_path):
             "llada-onnx exact fp32 (onnx) forward"} == set(result)
     assert all(r["ms"] > 0 for r in result.values()) and report["tokens_per_step"][0] >= 1
     assert "| 1 | llada-onnx exact fp32 (onnx) |" in (out / "report.md").read_text()
+
+
+def test_kernel_profile_groups_kernels_by_what_they_do():
+    from bench.kernel_profile import category, markdown
+
+    seen = {  # kernel names as CUPTI reports them on the H200 (onnxruntime-gpu 1.31, torch 2.11)
+        "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matrix products",
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT": "matrix products",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0": "attention",
+        "void onnxruntime::cuda::_SplitSmallInnerKernel<int4>(...)": "split / concat / slice / copy",
+        "void onnxruntime::cuda::_UnaryElementWise<half, float, OP_Cast<half, float>, 4, 4>": "casts",
+        "void onnxruntime::contrib::cuda::RotaryEmbeddingBSNH<half>(...)": "rotary",
+        "void onnxruntime::contrib::cuda::SkipLayerNormKernelSmall<half, float, half, 256, 8, true>": "norms",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "torch.compile fused (Inductor)",
+        "Memcpy HtoD (Pageable -> Device)": "split / concat / slice / copy",
+    }
+    assert {name: category(name) for name in seen} == seen
+    profile = {"calls": 5, "busy_ms": 3.0, "kernels": 12.0,
+               "categories": {"matrix products": {"ms": 2.5, "kernels": 8.0}, "casts": {"ms": 0.5, "kernels": 4.0}},
+               "top": [{"name": "nvjet_hsh", "category": "matrix products", "ms": 2.5, "kernels": 8.0}]}
+    text = markdown({"engine": profile}, {"engine": 3.4})
+    assert "| matrix products | 2.50 (8) |" in text and "| no kernel running | 0.40 |" in text
