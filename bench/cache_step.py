@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=".bench")
     p.add_argument("--out", default="bench/results/cache-step")
     a = p.parse_args(argv)
+    if a.profile:
+        kernel_profile.require_cuda(a.provider)
     if a.export:
         pipe = Pipeline.from_pretrained(a.export, provider=a.provider, threads=a.threads)
         name, parameters = Path(a.export).name, pipe.manifest.raw["model"]["parameters"]

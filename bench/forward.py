@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also record each engine's CUDA kernels (CUPTI)")
     engine_arguments(p, "bench/results/forward")
     a = p.parse_args(argv)
+    if a.profile:
+        kernel_profile.require_cuda(a.provider)
     from llada_onnx.models import read_checkpoint_config
 
     device = "cuda" if a.provider == "cuda" else "cpu"

@@ -29,6 +29,11 @@ CATEGORIES = (
 TOP = 15
 
 
+def require_cuda(device: str) -> None:
+    if device != "cuda":
+        raise SystemExit("--profile records CUDA kernels: use it with the cuda provider / device")
+
+
 def category(kernel: str) -> str:
     name = kernel.lower()
     return next((label for label, pattern in CATEGORIES if re.search(pattern, name)), "other")

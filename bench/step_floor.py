@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also record the steps' CUDA kernels (CUPTI)")
     p.add_argument("--out", default="bench/results/step-floor")
     a = p.parse_args(argv)
+    if a.profile:
+        kernel_profile.require_cuda(a.device)
     config = json.loads(Path(a.config).read_text())
     if a.n_layers:
         config["n_layers"] = a.n_layers
