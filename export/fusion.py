@@ -12,7 +12,10 @@ One rewrite of this project's own follows (:func:`rotate_in_attention`): the tra
 q/k/v projection apart into four-dimensional views, rotates queries and keys in float32 with separate
 multiplies, and moves heads forward and back again before ``MultiHeadAttention``, which takes ``[batch,
 sequence, heads * head_dim]`` tensors anyway. It becomes one ``Split`` of the projection and two ``com.microsoft``
-``RotaryEmbedding`` kernels feeding the attention directly, with one attention bias for every layer.
+``RotaryEmbedding`` kernels feeding the attention directly, with one attention bias for every layer. The KV-cache
+graph rotates its fed tokens at their own canvas positions (angles ``[B, n, D/2]``); :func:`rotate_cached_heads`
+turns each of its layers' rotations into one ``RotaryEmbedding`` over the query and key heads together, whose
+cos/sin caches are the tokens' own rows (position ``b * n + i`` is row ``b * n + i``).
 
 The model traces RMSNorm as ``x / sqrt(mean(x^2) + eps)`` (see :class:`~llada_onnx.models.modeling.RMSNorm`), the
 form onnxruntime fuses by itself when it loads an unfused graph; onnxscript's rule knows the ``x * rsqrt`` form
@@ -71,12 +74,25 @@ def fuse_for_onnxruntime(model, required: tuple[str, ...] | None = None) -> dict
     if fused is not model:
         raise FusionError("onnxscript's optimize_for_ort returned a new model instead of rewriting in place")
     counts["rotary_attention"] = rotate_in_attention(model)
+    counts["rotary_cached_heads"] = rotate_cached_heads(model)
     ops = {node.op_type for node in model.graph}
     missing = [name for name in (required or REQUIRED) if not any(name in op for op in ops)]
     if missing:
         raise FusionError(f"onnxscript's onnxruntime fusions produced no {missing} for this graph; "
                           "export it with fusion 'none' instead")
     return {name: n for name, n in counts.items() if n}
+
+
+def made_by(value, op_type):
+    """The node of type ``op_type`` that produced ``value``, or None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type else None
+
+
+def through_cast(value):
+    """``value`` before the Cast that produced it, if one did."""
+    cast = made_by(value, "Cast")
+    return cast.inputs[0] if cast is not None else value
 
 
 def rotate_in_attention(model) -> int:
@@ -95,14 +111,6 @@ def rotate_in_attention(model) -> int:
     from onnx_ir import tape
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    def made_by(value, op_type):
-        node = value.producer() if value is not None else None
-        return node if node is not None and node.op_type == op_type else None
-
-    def through_cast(value):
-        cast = made_by(value, "Cast")
-        return cast.inputs[0] if cast is not None else value
-
     graph, caches, shared_bias, rewritten = model.graph, {}, None, 0
     for mha in [n for n in graph if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
         q_in, k_in, v_in = mha.inputs[:3]
@@ -115,20 +123,12 @@ def rotate_in_attention(model) -> int:
         view = made_by(v_slice.inputs[0], "Reshape")
         transpose = made_by(split.inputs[0], "Transpose")
         rotated = transpose and made_by(through_cast(transpose.inputs[0]), "Add")
-        muls = rotated and [made_by(v, "Mul") for v in rotated.inputs]
-        if not (view and made_by(view.inputs[0], "MatMul") and muls and all(muls)):
+        found = rotated and _traced_rotation(rotated)
+        if not (view and made_by(view.inputs[0], "MatMul") and found):
             continue
-        rotated_heads = [made_by(through_cast(v), "Slice") for mul in muls for v in mul.inputs]
-        if not any(head is not None and head.inputs[0] is view.outputs[0] for head in rotated_heads):
+        heads, angles = found
+        if heads.inputs[0] is not view.outputs[0]:
             continue  # the rotation is not of this projection's query and key heads
-        angles = None
-        for mul in muls:
-            for operand in mul.inputs:
-                unsqueeze = made_by(through_cast(operand), "Unsqueeze")
-                cos = unsqueeze and made_by(unsqueeze.inputs[0], "Cos")
-                cat = cos and made_by(cos.inputs[0], "Concat")
-                if cat and len(cat.inputs) == 2 and cat.inputs[0] is cat.inputs[1]:
-                    angles = cat.inputs[0]
         sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
         qkv, dtype = view.inputs[0], q_in.dtype
         if angles is None or sizes is None or angles.shape is None or angles.shape.rank() != 2:
@@ -158,6 +158,87 @@ def rotate_in_attention(model) -> int:
                 shared_bias = _bias_sized_by(mha.inputs[5], split.outputs[0], q, graph, mha)
             if shared_bias is not None:
                 mha.replace_input_with(5, shared_bias)
+        rewritten += 1
+    if rewritten:
+        RemoveUnusedNodesPass()(model)
+    return rewritten
+
+
+def _traced_rotation(add):
+    """``(heads, angles)`` when ``add`` is the traced ``heads * cos + Concat(halves) * signed_sin`` (see
+    :func:`rotate_in_attention`): ``heads`` the rotated slice of the projection's view, ``angles`` the table the cos
+    is taken of; None otherwise."""
+    muls = [made_by(v, "Mul") for v in add.inputs]
+    if len(muls) != 2 or not all(muls):
+        return None
+    heads = angles = None
+    for mul in muls:
+        for operand in mul.inputs:
+            unsqueeze = made_by(through_cast(operand), "Unsqueeze")
+            cos = unsqueeze and made_by(unsqueeze.inputs[0], "Cos")
+            cat = cos and made_by(cos.inputs[0], "Concat")
+            if cat and len(cat.inputs) == 2 and cat.inputs[0] is cat.inputs[1]:
+                angles = cat.inputs[0]
+                others = [v for v in mul.inputs if v is not operand]
+                heads = made_by(through_cast(others[0]), "Slice") if others else None
+    return (heads, angles) if heads is not None and angles is not None else None
+
+
+def rotate_cached_heads(model) -> int:
+    """Rewrite each traced rotation of the KV-cache graph (angles ``[B, n, D/2]`` at the fed tokens' positions) in
+    place into one ``com.microsoft.RotaryEmbedding`` over the queries and keys together; returns how many.
+
+    Traced (per layer): ``view = Reshape(MatMul(x, W_qkv))`` ``[B, n, Hq + 2 Hkv, D]``, ``heads = view[:, :, :Hq +
+    Hkv]`` rotated as in :func:`rotate_in_attention` (in float32 with casts around it in half precision). Rewritten:
+    ``Reshape(RotaryEmbedding(MatMul(...)[..., :(Hq + Hkv) D], rows, cos(A), sin(A)), [0, 0, Hq + Hkv, D])``
+    with ``A`` the angles flattened to ``[B n, D/2]`` (their cos and sin once for every layer) and ``rows`` the
+    row numbers ``[B, n]``. The rotated values are the same products at the same angles; the transposes and
+    splits after them stay as traced.
+    """
+    import onnx_ir as ir
+    from onnx_ir import tape
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    def const(build, values):
+        return build.op("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
+
+    graph, caches, rewritten = model.graph, {}, 0
+    for add in [n for n in graph if n.op_type == "Add"]:
+        found = _traced_rotation(add)
+        if found is None:
+            continue
+        heads, angles = found
+        view = made_by(heads.inputs[0], "Reshape")
+        qkv = view and made_by(view.inputs[0], "MatMul") and view.inputs[0]
+        shape = heads.outputs[0].shape
+        if not (qkv and angles.shape is not None and angles.shape.rank() == 3 and shape is not None
+                and shape.rank() == 4 and all(isinstance(d, int) for d in shape[2:])):
+            continue
+        starts = heads.inputs[1].const_value if len(heads.inputs) > 1 else None
+        if starts is None or any(int(s) for s in starts.numpy().ravel()):
+            continue  # not the leading heads of the projection
+        n_heads, head_dim = shape[2], shape[3]
+        out = add.outputs[0]
+        users = out.consumers()
+        rotated = users[0].outputs[0] if len(users) == 1 and users[0].op_type == "Cast" else out
+        dtype = qkv.dtype
+        if rotated.dtype != dtype:
+            continue
+        build = tape.Tape()
+        if angles not in caches:  # the fed tokens' rows of cos and sin, and their row numbers, once for every layer
+            cast = (lambda v: v) if dtype == ir.DataType.FLOAT else (lambda v: build.op("Cast", [v], {"to": dtype}))
+            table = build.op("Reshape", [angles, const(build, [-1, head_dim // 2])])
+            count = build.op("Squeeze", [build.op("Shape", [table], {"start": 0, "end": 1})])
+            rows = build.op("Range", [const(build, 0), count, const(build, 1)])
+            rows = build.op("Reshape", [rows, build.op("Shape", [angles], {"start": 0, "end": 2})])
+            caches[angles] = (rows, cast(build.op("Cos", [table])), cast(build.op("Sin", [table])))
+        rows, cos_cache, sin_cache = caches[angles]
+        leading = build.op("Slice", [qkv, const(build, [0]), const(build, [n_heads * head_dim]), const(build, [-1])])
+        turned = build.op("RotaryEmbedding", [leading, rows, cos_cache, sin_cache],
+                          {"num_heads": n_heads, "interleaved": 0}, domain="com.microsoft")
+        turned = build.op("Reshape", [turned, const(build, [0, 0, n_heads, head_dim])])
+        graph.insert_after(rotated.producer(), build.nodes)
+        ir.convenience.replace_all_uses_with(rotated, turned)
         rewritten += 1
     if rewritten:
         RemoveUnusedNodesPass()(model)

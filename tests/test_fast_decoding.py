@@ -139,6 +139,8 @@ def test_fused_gqa_cache_graph(gqa_fused_onnx):
 
     ops = Counter(n.op_type for n in onnx.load(str(gqa_fused_onnx / "cache.onnx"), load_external_data=False).graph.node)
     assert ops["SkipSimplifiedLayerNormalization"] >= 2 and "ReduceMean" not in ops
+    # one rotation per layer over the queries and keys together, one cos/sin of the fed rows for all layers
+    assert ops["RotaryEmbedding"] == 2 and ops["Cos"] == ops["Sin"] == 1 and "Neg" not in ops
     report = json.loads((gqa_fused_onnx / "validation.json").read_text())["cache_graph"]
     assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
     pipe = Pipeline.from_pretrained(gqa_fused_onnx)
