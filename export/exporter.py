@@ -147,7 +147,7 @@ def export(
         with stages.stage("loading checkpoint"):
             model = load_model(ckpt, dtype=DTYPES[dtype], device=device).fuse_projections()
         fusions, quantized = _write_graph(lambda: _trace(main, model, sizes, opset, device, translations),
-                                          tmp / main.file, "the graph", fusion=fusion,
+                                          tmp / main.file, "the graph", fusion=fusion, device=device,
                                           required=CACHE_REQUIRED if main.per_layer_inputs else None,
                                           quantization=quantization, embedding_size=sizes.vocab_size, stages=stages,
                                           scratch=scratch)
@@ -155,6 +155,7 @@ def export(
             _write_graph(lambda: _trace_cache(CachedSamplerGraph(model, device).eval(), sizes, opset, device,
                                               translations),
                          tmp / KV_CACHE.file, "the KV-cache graph", fusion=fusion, required=CACHE_REQUIRED,
+                         device=device,
                          quantization=quantization, embedding_size=sizes.vocab_size, stages=stages,
                          scratch=scratch)
             share_weights(tmp / main.file, tmp / KV_CACHE.file)
@@ -256,7 +257,7 @@ def _check_disk(folder: Path, need: int) -> None:
                           f"{free / 1e9:.2f} GB is free")
 
 
-def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple[str, ...] | None,
+def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple[str, ...] | None, device: str,
                  quantization: Quantization, embedding_size: int, stages: _Progress, scratch: str | Path | None):
     """Trace -> fuse (in memory) -> save -> quantize: one graph at ``target``; returns (fusions, quantized ops).
 
@@ -268,7 +269,7 @@ def _write_graph(trace, target: Path, what: str, *, fusion: str, required: tuple
     fusions = quantized = None
     if fusion == "ort":
         with stages.stage(f"fusing {what} for onnxruntime"):
-            fusions = fuse_for_onnxruntime(program.model, required)
+            fusions = fuse_for_onnxruntime(program.model, required, device)
     if quantization.method == "none":
         with stages.stage(f"saving {what}"):
             program.save(str(target), external_data=True)

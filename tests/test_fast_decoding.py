@@ -151,6 +151,31 @@ def test_fused_gqa_cache_graph(gqa_fused_onnx):
         np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
 
 
+def test_cuda_form_of_the_cache_attention_on_the_cpu(tmp_path, tiny_ckpt, monkeypatch):
+    """A CUDA export's cache graph attends over the past in one MultiHeadAttention (attend_cached_in_one_op); the
+    rewrite is forced here on a CPU export (CI has no GPU), which must validate and keep the cached sampler,
+    refreshed every step, token-exact with the exact one."""
+    from collections import Counter
+
+    import onnx
+
+    from llada_onnx.export import export, exporter, fusion
+
+    monkeypatch.setattr(exporter, "fuse_for_onnxruntime",
+                        lambda model, required, device: fusion.fuse_for_onnxruntime(model, required, "cuda"))
+    out = tmp_path / "cuda-form"
+    report = export(tiny_ckpt, out, fusion="ort", cache=True, progress=False).validation["cache_graph"]
+    assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
+    ops = Counter(n.op_type for n in onnx.load(str(out / "cache.onnx"), load_external_data=False).graph.node)
+    assert ops["MultiHeadAttention"] == ops["RotaryEmbedding"] == 2 and ops["Softmax"] == 1  # the head's
+    pipe = Pipeline.from_pretrained(out)
+    ids, mask = prompts(3, seed=5)
+    kw = dict(gen_length=16, block_length=8, steps=16)
+    exact = pipe.generate_ids(ids, mask, **kw)
+    for mode in ("dual", "prefix"):
+        np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
+
+
 def test_cache_refreshed_every_step_equals_uncached(cache_pipe):
     ids, mask = prompts(3, seed=4)
     kw = dict(gen_length=16, block_length=8, steps=16)
