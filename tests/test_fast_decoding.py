@@ -131,49 +131,50 @@ def test_cached_step_right_after_a_refresh_matches_the_full_forward(cache_pipe):
             np.testing.assert_array_equal(out.top_ids, full.top_ids)
 
 
-def test_fused_gqa_cache_graph(gqa_fused_onnx):
-    """Grouped-query attention (query heads folded onto their key head) and the ORT-fused cache graph."""
+def cache_graph_ops(export_dir):
+    """How often each op type appears in the export's KV-cache graph."""
     from collections import Counter
 
     import onnx
 
-    ops = Counter(n.op_type for n in onnx.load(str(gqa_fused_onnx / "cache.onnx"), load_external_data=False).graph.node)
-    assert ops["SkipSimplifiedLayerNormalization"] >= 2 and "ReduceMean" not in ops
-    # one rotation per layer over the queries and keys together, one cos/sin of the fed rows for all layers
-    assert ops["RotaryEmbedding"] == 2 and ops["Cos"] == ops["Sin"] == 1 and "Neg" not in ops
-    report = json.loads((gqa_fused_onnx / "validation.json").read_text())["cache_graph"]
+    return Counter(n.op_type for n in onnx.load(str(export_dir / "cache.onnx"), load_external_data=False).graph.node)
+
+
+def assert_cache_graph_exact(export_dir):
+    """The export's cache graph validated within tolerance, and its cached decoding, refreshed every step,
+    token-exact with its exact decoding."""
+    report = json.loads((export_dir / "validation.json").read_text())["cache_graph"]
     assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
-    pipe = Pipeline.from_pretrained(gqa_fused_onnx)
+    pipe = Pipeline.from_pretrained(export_dir)
     ids, mask = prompts(3, seed=5)
     kw = dict(gen_length=16, block_length=8, steps=16)
     exact = pipe.generate_ids(ids, mask, **kw)
     for mode in ("dual", "prefix"):
         np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
+
+
+def test_fused_gqa_cache_graph(gqa_fused_onnx):
+    """Grouped-query attention (query heads folded onto their key head) and the ORT-fused cache graph."""
+    ops = cache_graph_ops(gqa_fused_onnx)
+    assert ops["SkipSimplifiedLayerNormalization"] >= 2 and "ReduceMean" not in ops
+    # one rotation per layer over the queries and keys together, one cos/sin of the fed rows for all layers
+    assert ops["RotaryEmbedding"] == 2 and ops["Cos"] == ops["Sin"] == 1 and "Neg" not in ops
+    assert_cache_graph_exact(gqa_fused_onnx)
 
 
 def test_cuda_form_of_the_cache_attention_on_the_cpu(tmp_path, tiny_ckpt, monkeypatch):
     """A CUDA export's cache graph attends over the past in one MultiHeadAttention (attend_cached_in_one_op); the
     rewrite is forced here on a CPU export (CI has no GPU), which must validate and keep the cached sampler,
     refreshed every step, token-exact with the exact one."""
-    from collections import Counter
-
-    import onnx
-
     from llada_onnx.export import export, exporter, fusion
 
     monkeypatch.setattr(exporter, "fuse_for_onnxruntime",
                         lambda model, required, device: fusion.fuse_for_onnxruntime(model, required, "cuda"))
     out = tmp_path / "cuda-form"
-    report = export(tiny_ckpt, out, fusion="ort", cache=True, progress=False).validation["cache_graph"]
-    assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
-    ops = Counter(n.op_type for n in onnx.load(str(out / "cache.onnx"), load_external_data=False).graph.node)
+    export(tiny_ckpt, out, fusion="ort", cache=True, progress=False)
+    ops = cache_graph_ops(out)
     assert ops["MultiHeadAttention"] == ops["RotaryEmbedding"] == 2 and ops["Softmax"] == 1  # the head's
-    pipe = Pipeline.from_pretrained(out)
-    ids, mask = prompts(3, seed=5)
-    kw = dict(gen_length=16, block_length=8, steps=16)
-    exact = pipe.generate_ids(ids, mask, **kw)
-    for mode in ("dual", "prefix"):
-        np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
+    assert_cache_graph_exact(out)
 
 
 def test_cache_refreshed_every_step_equals_uncached(cache_pipe):
