@@ -106,6 +106,19 @@ def int64s(build, values):
     return build.op("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
 
 
+def split_sizes(split):
+    """The constant sizes a ``Split`` node cuts its input into, or None."""
+    sizes = split.inputs[1] if len(split.inputs) > 1 else None
+    return sizes.const_value if sizes is not None else None
+
+
+def cast_to(build, value, dtype):
+    """``value`` cast to ``dtype`` on the tape ``build`` (itself when it is float32 already)."""
+    import onnx_ir as ir
+
+    return value if dtype == ir.DataType.FLOAT else build.op("Cast", [value], {"to": dtype})
+
+
 def through_cast(value):
     """``value`` before the Cast that produced it, if one did."""
     cast = made_by(value, "Cast")
@@ -124,7 +137,6 @@ def rotate_in_attention(model) -> int:
     Rewritten: ``Split(MatMul(x, W_qkv))`` into q, k, v; ``RotaryEmbedding(q or k, 0, cos(angles), sin(angles))``.
     ``RotaryEmbedding`` computes ``x1 cos - x2 sin, x2 cos + x1 sin``: the same products as the traced form.
     """
-    import onnx_ir as ir
     from onnx_ir import tape
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -146,9 +158,9 @@ def rotate_in_attention(model) -> int:
         heads, angles = found
         if heads.inputs[0] is not view.outputs[0]:
             continue  # the rotation is not of this projection's query and key heads
-        sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        sizes = split_sizes(split)
         qkv, dtype = view.inputs[0], q_in.dtype
-        if angles is None or sizes is None or angles.shape is None or angles.shape.rank() != 2:
+        if sizes is None or angles.shape is None or angles.shape.rank() != 2:
             continue
         q_heads, kv_heads = (int(n) for n in sizes.numpy())
         width = qkv.shape[-1] if qkv.shape is not None else None
@@ -157,8 +169,8 @@ def rotate_in_attention(model) -> int:
         head_dim = width // (q_heads + 2 * kv_heads)
         build = tape.Tape()
         if angles not in caches:  # cos and sin of the [S, D/2] angles, once for every layer
-            cast = (lambda v: v) if dtype == ir.DataType.FLOAT else (lambda v: build.op("Cast", [v], {"to": dtype}))
-            caches[angles] = (cast(build.op("Cos", [angles])), cast(build.op("Sin", [angles])), int64s(build, [0]))
+            caches[angles] = (cast_to(build, build.op("Cos", [angles]), dtype),
+                              cast_to(build, build.op("Sin", [angles]), dtype), int64s(build, [0]))
         cos_cache, sin_cache, first_position = caches[angles]
         widths = int64s(build, [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
         q, k, v = build.op_multi_out("Split", [qkv, widths], {"axis": -1}, num_outputs=3)
@@ -238,12 +250,12 @@ def rotate_cached_heads(model) -> int:
             continue
         build = tape.Tape()
         if angles not in caches:  # the fed tokens' rows of cos and sin, and their row numbers, once for every layer
-            cast = (lambda v: v) if dtype == ir.DataType.FLOAT else (lambda v: build.op("Cast", [v], {"to": dtype}))
             table = build.op("Reshape", [angles, int64s(build, [-1, head_dim // 2])])
             count = build.op("Squeeze", [build.op("Shape", [table], {"start": 0, "end": 1})])
             rows = build.op("Range", [int64s(build, 0), count, int64s(build, 1)])
             rows = build.op("Reshape", [rows, build.op("Shape", [angles], {"start": 0, "end": 2})])
-            caches[angles] = (rows, cast(build.op("Cos", [table])), cast(build.op("Sin", [table])))
+            caches[angles] = (rows, cast_to(build, build.op("Cos", [table]), dtype),
+                              cast_to(build, build.op("Sin", [table]), dtype))
         rows, cos_cache, sin_cache = caches[angles]
         leading = build.op("Slice", [qkv, int64s(build, [0]), int64s(build, [n_heads * head_dim]),
                                      int64s(build, [-1])])
@@ -297,22 +309,16 @@ def attend_cached_in_one_op(model) -> int:
         back = merged and used_by(merged.outputs[0], "Transpose")
         flat = back and used_by(back.outputs[0], "Reshape")
         value_heads = fresh_v and made_by(fresh_v.inputs[0], "Transpose")
-        value_slice = value_heads and made_by(value_heads.inputs[0], "Slice")
-        view = value_slice and made_by(value_slice.inputs[0], "Reshape")
-        sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
-        scale = scaled.inputs[1].const_value
-        width = flat.outputs[0].shape[-1] if flat and flat.outputs[0].shape is not None else None
-        if not (past_v and view and isinstance(width, int) and sizes is not None and scale is not None
-                and scale.size == 1):
+        values = value_heads and made_by(value_heads.inputs[0], "Slice")  # [B, n, H, D], the fresh values' copy
+        sizes, scale = split_sizes(split), scaled.inputs[1].const_value
+        if not (past_v and flat and values and sizes is not None and scale is not None and scale.size == 1):
             continue
         n_heads, kv_heads = (int(h) for h in sizes.numpy())
         if n_heads != kv_heads:
             continue
-        qkv = view.inputs[0]
         build = tape.Tape()
         q, k = build.op_multi_out("Split", [turned.outputs[0]], {"axis": -1, "num_outputs": 2}, num_outputs=2)
-        v = build.op("Slice", [qkv, int64s(build, [2 * width]), int64s(build, [3 * width]),
-                               int64s(build, [-1])])
+        v = build.op("Reshape", [values.outputs[0], int64s(build, [0, 0, -1])])
         key_bias = bias.inputs[0]
         if key_bias not in shared_bias:  # [B, 1, 1 or n, P + n] -> [B, 1, n, P + n], once for every layer
             rows = build.op("Shape", [q], {"start": 1, "end": 2})

@@ -14,6 +14,7 @@ import torch
 from llada_onnx.runtime import Pipeline
 
 from conftest import prompts
+from test_fast_decoding import cache_graph_ops
 from test_runtime import GRID, OPTIONS
 
 pytestmark = pytest.mark.skipif(
@@ -110,10 +111,6 @@ def test_cuda_fused_cache_graph(tmp_path_factory, tiny_ckpt, dtype):
     """A CUDA export's fused KV-cache graph (each layer's rotary one RotaryEmbedding, its attention over the past
     one MultiHeadAttention): validated on CUDA, and its cached decoding refreshed every step (replayed as CUDA
     graphs) is token-exact with the same export's exact sampler in fp32, close to it in fp16."""
-    from collections import Counter
-
-    import onnx
-
     from llada_onnx.export import export
 
     out = tmp_path_factory.mktemp("fused-cache") / f"tiny-{dtype}"
@@ -121,7 +118,7 @@ def test_cuda_fused_cache_graph(tmp_path_factory, tiny_ckpt, dtype):
                     progress=False).validation["cache_graph"]
     print(f"{dtype} fused cache graph validation:", json.dumps(report))
     assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
-    ops = Counter(n.op_type for n in onnx.load(str(out / "cache.onnx"), load_external_data=False).graph.node)
+    ops = cache_graph_ops(out)
     assert ops["RotaryEmbedding"] == ops["MultiHeadAttention"] == 2 and "Softmax" not in ops
     pipe = Pipeline.from_pretrained(out, provider="cuda")
     ids, mask = prompts(3, seed=5)
