@@ -8,14 +8,16 @@ MultiHeadAttention (non-causal, the key-padding mask as an attention bias), ``Si
 ``SkipSimplifiedLayerNormalization`` (residual add + RMSNorm), single kernels on the CPU and CUDA providers. The
 rewritten graph computes the same function and passes the same validation.
 
-One rewrite of this project's own follows (:func:`rotate_in_attention`): the traced attention takes the joined
+Rewrites of this project's own follow. :func:`rotate_in_attention`: the traced attention takes the joined
 q/k/v projection apart into four-dimensional views, rotates queries and keys in float32 with separate
 multiplies, and moves heads forward and back again before ``MultiHeadAttention``, which takes ``[batch,
 sequence, heads * head_dim]`` tensors anyway. It becomes one ``Split`` of the projection and two ``com.microsoft``
-``RotaryEmbedding`` kernels feeding the attention directly, with one attention bias for every layer. The KV-cache
-graph rotates its fed tokens at their own canvas positions (angles ``[B, n, D/2]``); :func:`rotate_cached_heads`
-turns each of its layers' rotations into one ``RotaryEmbedding`` over the query and key heads together, whose
-cos/sin caches are the tokens' own rows (position ``b * n + i`` is row ``b * n + i``).
+``RotaryEmbedding`` kernels feeding the attention directly, with one attention bias for every layer.
+:func:`rotate_heads` turns every other traced rotation into one ``RotaryEmbedding`` (the KV-cache graph's query
+and key heads together at their own canvas positions, the queries and keys that LLaDA-MoE and LLaDA2 normalise
+before rotating, LLaDA2's partial rotation), with the cos/sin tables once for every layer.
+:func:`attend_cached_in_one_op` (CUDA exports) turns the KV-cache graph's attention into one
+``MultiHeadAttention`` with a past.
 
 The model traces RMSNorm as ``x / sqrt(mean(x^2) + eps)`` (see :class:`~llada_onnx.models.modeling.RMSNorm`), the
 form onnxruntime fuses by itself when it loads an unfused graph; onnxscript's rule knows the ``x * rsqrt`` form
@@ -76,7 +78,7 @@ def fuse_for_onnxruntime(model, required: tuple[str, ...] | None = None, device:
     if fused is not model:
         raise FusionError("onnxscript's optimize_for_ort returned a new model instead of rewriting in place")
     counts["rotary_attention"] = rotate_in_attention(model)
-    counts["rotary_cached_heads"] = rotate_cached_heads(model)
+    counts["rotary"] = rotate_heads(model)
     if device == "cuda":
         counts["cached_attention"] = attend_cached_in_one_op(model)
     ops = {node.op_type for node in model.graph}
@@ -155,8 +157,8 @@ def rotate_in_attention(model) -> int:
         found = rotated and _traced_rotation(rotated)
         if not (view and made_by(view.inputs[0], "MatMul") and found):
             continue
-        heads, angles = found
-        if heads.inputs[0] is not view.outputs[0]:
+        heads, angles = made_by(found[0], "Slice"), found[1]
+        if heads is None or heads.inputs[0] is not view.outputs[0]:
             continue  # the rotation is not of this projection's query and key heads
         sizes = split_sizes(split)
         qkv, dtype = view.inputs[0], q_in.dtype
@@ -193,8 +195,8 @@ def rotate_in_attention(model) -> int:
 
 def _traced_rotation(add):
     """``(heads, angles)`` when ``add`` is the traced ``heads * cos + Concat(halves) * signed_sin`` (see
-    :func:`rotate_in_attention`): ``heads`` the rotated slice of the projection's view, ``angles`` the table the cos
-    is taken of; None otherwise."""
+    :func:`rotate_in_attention`): ``heads`` the tensor rotated (before a cast to float32), ``angles`` the table the
+    cos is taken of; None otherwise."""
     muls = [made_by(v, "Mul") for v in add.inputs]
     if len(muls) != 2 or not all(muls):
         return None
@@ -207,60 +209,49 @@ def _traced_rotation(add):
             if cat and len(cat.inputs) == 2 and cat.inputs[0] is cat.inputs[1]:
                 angles = cat.inputs[0]
                 others = [v for v in mul.inputs if v is not operand]
-                heads = made_by(through_cast(others[0]), "Slice") if others else None
+                heads = through_cast(others[0]) if others else None
     return (heads, angles) if heads is not None and angles is not None else None
 
 
-def rotate_cached_heads(model) -> int:
-    """Rewrite each traced rotation of the KV-cache graph (angles ``[B, n, D/2]`` at the fed tokens' positions) in
-    place into one ``com.microsoft.RotaryEmbedding`` over the queries and keys together; returns how many.
+def rotate_heads(model) -> int:
+    """Rewrite each traced rotation that :func:`rotate_in_attention` left in place into one
+    ``com.microsoft.RotaryEmbedding``; returns how many.
 
-    Traced (per layer): ``view = Reshape(MatMul(x, W_qkv))`` ``[B, n, Hq + 2 Hkv, D]``, ``heads = view[:, :, :Hq +
-    Hkv]`` rotated as in :func:`rotate_in_attention` (in float32 with casts around it in half precision). Rewritten:
-    ``Reshape(RotaryEmbedding(MatMul(...)[..., :(Hq + Hkv) D], rows, cos(A), sin(A)), [0, 0, Hq + Hkv, D])``
-    with ``A`` the angles flattened to ``[B n, D/2]`` (their cos and sin once for every layer) and ``rows`` the
-    row numbers ``[B, n]``. The rotated values are the same products at the same angles; the transposes and
-    splits after them stay as traced.
+    Traced (per layer): heads ``t`` ``[B, n, H, D]`` (the projection's leading query and key heads together, or
+    the queries and the keys each after their own RMSNorm) rotated as in :func:`rotate_in_attention` at angles
+    ``A`` (``[n, D/2]``, or ``[B, n, D/2]`` at each token's own position), in float32 with casts around it or in
+    the heads' own precision; a partial rotation (the first ``r`` of ``D``) rotates ``t[..., :r]`` and joins
+    ``t[..., r:]`` after it. Rewritten: ``Reshape(RotaryEmbedding(Reshape(t, [0, 0, H D]), rows, cos(A), sin(A),
+    rotary_embedding_dim=r), [0, 0, H, D])``, the cos and sin once for every layer (see :func:`_rotary_tables`).
+    The rotated values are the same products at the same angles; the transposes and splits after them stay.
     """
     import onnx_ir as ir
     from onnx_ir import tape
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    graph, caches, rewritten = model.graph, {}, 0
+    graph, tables, rewritten = model.graph, {}, 0
     for add in [n for n in graph if n.op_type == "Add"]:
         found = _traced_rotation(add)
         if found is None:
             continue
         heads, angles = found
-        view = made_by(heads.inputs[0], "Reshape")
-        qkv = view and made_by(view.inputs[0], "MatMul") and view.inputs[0]
-        shape = heads.outputs[0].shape
-        if not (qkv and angles.shape is not None and angles.shape.rank() == 3 and shape is not None
-                and shape.rank() == 4 and all(isinstance(d, int) for d in shape[2:])):
+        cast = used_by(add.outputs[0], "Cast")
+        rotated = cast.outputs[0] if cast is not None else add.outputs[0]
+        heads, rotated = _partial_rotation(heads, rotated) or (heads, rotated)
+        shape, half = heads.shape, angles.shape[-1] if angles.shape is not None else None
+        if not (isinstance(half, int) and angles.shape.rank() in (2, 3) and shape is not None and shape.rank() == 4
+                and all(isinstance(d, int) for d in shape[2:]) and 2 * half <= shape[3]
+                and rotated.dtype == heads.dtype):
             continue
-        starts = heads.inputs[1].const_value if len(heads.inputs) > 1 else None
-        if starts is None or any(int(s) for s in starts.numpy().ravel()):
-            continue  # not the leading heads of the projection
         n_heads, head_dim = shape[2], shape[3]
-        out = add.outputs[0]
-        users = out.consumers()
-        rotated = users[0].outputs[0] if len(users) == 1 and users[0].op_type == "Cast" else out
-        dtype = qkv.dtype
-        if rotated.dtype != dtype:
-            continue
         build = tape.Tape()
-        if angles not in caches:  # the fed tokens' rows of cos and sin, and their row numbers, once for every layer
-            table = build.op("Reshape", [angles, int64s(build, [-1, head_dim // 2])])
-            count = build.op("Squeeze", [build.op("Shape", [table], {"start": 0, "end": 1})])
-            rows = build.op("Range", [int64s(build, 0), count, int64s(build, 1)])
-            rows = build.op("Reshape", [rows, build.op("Shape", [angles], {"start": 0, "end": 2})])
-            caches[angles] = (rows, cast_to(build, build.op("Cos", [table]), dtype),
-                              cast_to(build, build.op("Sin", [table]), dtype))
-        rows, cos_cache, sin_cache = caches[angles]
-        leading = build.op("Slice", [qkv, int64s(build, [0]), int64s(build, [n_heads * head_dim]),
-                                     int64s(build, [-1])])
-        turned = build.op("RotaryEmbedding", [leading, rows, cos_cache, sin_cache],
-                          {"num_heads": n_heads, "interleaved": 0}, domain="com.microsoft")
+        if angles not in tables:
+            tables[angles] = _rotary_tables(build, angles, heads.dtype)
+        rows, cos_cache, sin_cache = tables[angles]
+        flat = build.op("Reshape", [heads, int64s(build, [0, 0, n_heads * head_dim])])
+        partial = {"rotary_embedding_dim": 2 * half} if 2 * half != head_dim else {}
+        turned = build.op("RotaryEmbedding", [flat, rows, cos_cache, sin_cache],
+                          {"num_heads": n_heads, "interleaved": 0, **partial}, domain="com.microsoft")
         turned = build.op("Reshape", [turned, int64s(build, [0, 0, n_heads, head_dim])])
         graph.insert_after(rotated.producer(), build.nodes)
         ir.convenience.replace_all_uses_with(rotated, turned)
@@ -270,13 +261,55 @@ def rotate_cached_heads(model) -> int:
     return rewritten
 
 
+def _partial_rotation(part, rotated):
+    """``(heads, joined)`` when ``part`` is ``heads[..., :r]`` and ``rotated`` (its rotation) is joined to
+    ``heads[..., r:]`` along the last axis (LLaDA2's partial rotary); None otherwise."""
+    first, join = made_by(part, "Slice"), used_by(rotated, "Concat")
+    if not (first and join and len(join.inputs) == 2 and join.inputs[0] is rotated):
+        return None
+    rest, heads = made_by(join.inputs[1], "Slice"), first.inputs[0]
+    last = heads.shape.rank() - 1 if heads.shape is not None else None
+    bounds = [_slice_bounds(first), _slice_bounds(rest) if rest and rest.inputs[0] is heads else None]
+    if last is None or None in bounds or join.attributes.get_int("axis") not in (-1, last):
+        return None
+    (start, end, axis), (rest_start, _, rest_axis) = bounds
+    if start != 0 or rest_start != end or {axis, rest_axis} - {-1, last}:
+        return None
+    return heads, join.outputs[0]
+
+
+def _slice_bounds(node):
+    """``(start, end, axis)`` of a one-axis, unit-step constant ``Slice``; None for any other."""
+    consts = [v.const_value if v is not None else None for v in node.inputs[1:]]
+    if len(consts) < 3 or None in consts[:3] or any(c.size != 1 for c in consts[:3]):
+        return None
+    if len(consts) > 3 and (consts[3] is None or int(consts[3].numpy().ravel()[0]) != 1):
+        return None
+    return tuple(int(c.numpy().ravel()[0]) for c in consts[:3])
+
+
+def _rotary_tables(build, angles, dtype):
+    """``(rows, cos, sin)`` for ``RotaryEmbedding`` of the traced ``angles``: for ``[n, D/2]`` angles the table
+    itself and position 0 (token ``i`` takes row ``i``); for ``[B, n, D/2]`` (each token at its own position) the
+    angles flattened to ``[B n, D/2]`` and the row numbers ``[B, n]`` (token ``(b, i)`` takes row ``b n + i``)."""
+    if angles.shape.rank() == 2:
+        table, rows = angles, int64s(build, [0])
+    else:
+        table = build.op("Reshape", [angles, int64s(build, [-1, angles.shape[-1]])])
+        count = build.op("Squeeze", [build.op("Shape", [table], {"start": 0, "end": 1})])
+        rows = build.op("Range", [int64s(build, 0), count, int64s(build, 1)])
+        rows = build.op("Reshape", [rows, build.op("Shape", [angles], {"start": 0, "end": 2})])
+    return rows, cast_to(build, build.op("Cos", [table]), dtype), cast_to(build, build.op("Sin", [table]), dtype)
+
+
 def attend_cached_in_one_op(model) -> int:
     """Rewrite each KV-cache graph attention over ``past + fresh`` keys (``models.modeling._attend_with_past``:
     scores against the past and the fresh keys, joined rows, bias, softmax, two value products and their sum)
     whose queries have their own key head into one ``com.microsoft.MultiHeadAttention`` with ``past_key`` /
-    ``past_value``, fed the rotated ``[B, n, H D]`` queries and keys of :func:`rotate_cached_heads`; returns how
-    many. The fresh keys and values the graph returns stay as traced. Grouped-query attention (fewer key heads)
-    is left as it is.
+    ``past_value``, fed the rotated ``[B, n, H D]`` queries and keys of :func:`rotate_heads`; returns how
+    many. The fresh keys the graph returns become a transpose of the op's key input alone (traced, they are cut
+    from a transpose of the queries and keys together); the fresh values stay as traced. Grouped-query attention
+    (fewer key heads) is left as it is.
     """
     import onnx_ir as ir
     from onnx_ir import tape
@@ -328,8 +361,16 @@ def attend_cached_in_one_op(model) -> int:
             "MultiHeadAttention", [q, k, v, None, None, shared_bias[key_bias], past_k.inputs[0], past_v.inputs[0]],
             {"num_heads": n_heads, "scale": float(scale.numpy().ravel()[0])}, domain="com.microsoft",
             num_outputs=3)
+        fresh_keys = split.outputs[1]
+        if fresh_keys.is_graph_output():  # [B, H, n, D]: the graph output keeps its name
+            name, fresh_keys.name = fresh_keys.name, f"{fresh_keys.name}_traced"
+            keys = build.op("Transpose", [build.op("Reshape", [k, int64s(build, [0, 0, kv_heads, -1])])],
+                            {"perm": [0, 2, 1, 3]})
+            keys.name = name
         graph.insert_after(flat, build.nodes)
         ir.convenience.replace_all_uses_with(flat.outputs[0], out)
+        if fresh_keys.is_graph_output():
+            ir.convenience.replace_all_uses_with(fresh_keys, keys, replace_graph_outputs=True)
         rewritten += 1
     if rewritten:
         RemoveUnusedNodesPass()(model)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -123,6 +126,11 @@ def dequantized_experts(weight: np.ndarray, method: str, block_size: int) -> np.
     q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(weight.shape).astype(np.float32) - 8
     blocks = q.reshape(*weight.shape[:2], -1, block_size) * scales.astype(np.float32)[..., None]
     return blocks.reshape(weight.shape)
+
+
+def graph_ops(graph) -> Counter:
+    """How often each op type appears in the ONNX graph at ``graph`` (its weights not loaded)."""
+    return Counter(n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node)
 
 
 def prompts(batch: int, lengths=(6, 9, 4), seed: int = 0, pad_id: int = 126081):

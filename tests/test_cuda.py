@@ -13,8 +13,7 @@ import torch
 
 from llada_onnx.runtime import Pipeline
 
-from conftest import prompts
-from test_fast_decoding import cache_graph_ops
+from conftest import graph_ops, prompts
 from test_runtime import GRID, OPTIONS
 
 pytestmark = pytest.mark.skipif(
@@ -118,7 +117,7 @@ def test_cuda_fused_cache_graph(tmp_path_factory, tiny_ckpt, dtype):
                     progress=False).validation["cache_graph"]
     print(f"{dtype} fused cache graph validation:", json.dumps(report))
     assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
-    ops = cache_graph_ops(out)
+    ops = graph_ops(out / "cache.onnx")
     assert ops["RotaryEmbedding"] == ops["MultiHeadAttention"] == 2 and "Softmax" not in ops
     pipe = Pipeline.from_pretrained(out, provider="cuda")
     ids, mask = prompts(3, seed=5)
@@ -227,6 +226,28 @@ def moe_cuda_exports(tmp_path_factory, moe_ckpt, moe_decomposed):
     return fused, moe_decomposed
 
 
+def test_cuda_moe_fused_rotary(tmp_path_factory, moe_ckpt, moe_model):
+    """``--fusion ort --device cuda`` (one RotaryEmbedding for each layer's normalised queries and keys): fp32 and
+    fp16 validated on CUDA; fp32 gives the torch sampler's tokens, exact and with the KV cache refreshed every step."""
+    from llada_onnx.export import export
+    from llada_onnx.models import generate
+
+    base = tmp_path_factory.mktemp("moe-ort")
+    for dtype in ("fp32", "fp16"):
+        report = export(moe_ckpt, base / dtype, dtype=dtype, device="cuda", fusion="ort", cache=True,
+                        progress=False).validation
+        print(f"MoE --fusion ort {dtype} validation:", json.dumps(report))
+        assert report["finite"] and report["top_ids_decisive_agreement"] >= 0.99
+        for graph in ("model.onnx", "cache.onnx"):
+            assert graph_ops(base / dtype / graph)["RotaryEmbedding"] == 2 * moe_model.config.num_hidden_layers
+    ids, mask = prompts(3, seed=2, pad_id=156892)
+    kw = dict(steps=8, gen_length=8, block_length=4)
+    want = generate(moe_model, torch.from_numpy(ids), torch.from_numpy(mask), **kw).numpy()
+    pipe = Pipeline.from_pretrained(base / "fp32", provider="cuda")
+    np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), want)
+    np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache="dual", refresh_every=1, **kw), want)
+
+
 def test_cuda_moe_fp32_against_torch(moe_cuda_exports, moe_model):
     """Both forms of the experts on CUDA give the torch sampler's tokens (float32 products in float32: the
     provider's TF32 default is off, see runtime/providers.py)."""
@@ -290,20 +311,26 @@ def test_cuda_moe_fp16_and_quantized_experts(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------- LLaDA2
 @pytest.fixture(scope="module")
 def llada2_cuda(tmp_path_factory):
-    """A tiny LLaDA2 checkpoint, its decomposed export (validated on the CPU) and a fused one."""
+    """A tiny LLaDA2 checkpoint, its decomposed export (validated on the CPU), a fused one, and one with
+    ``--fusion ort --device cuda`` (validated on CUDA; one partial RotaryEmbedding for each layer's normalised
+    queries and keys)."""
     from llada_onnx.export import export
+    from llada_onnx.models.llada2 import LLaDA2Config
     from llada_onnx.models.tiny import make_tiny_llada2_checkpoint
 
     base = tmp_path_factory.mktemp("llada2-cuda")
     ckpt = make_tiny_llada2_checkpoint(base / "ckpt")
     export(ckpt, base / "decomposed", moe="decomposed", progress=False)
     export(ckpt, base / "fused", validate=False, progress=False)
+    export(ckpt, base / "ort", device="cuda", fusion="ort", progress=False)
+    assert graph_ops(base / "ort" / "model.onnx")["RotaryEmbedding"] == 2 * LLaDA2Config.from_pretrained(
+        ckpt).num_hidden_layers
     return ckpt, base
 
 
 def test_cuda_llada2_block_cache_against_torch(llada2_cuda):
     """On CUDA, the block cache kept on the device gives the uncached canvases and the torch sampler's tokens,
-    token for token (greedy, and sampling with seeded noise), both forms of the experts."""
+    token for token (greedy, and sampling with seeded noise), both forms of the experts and the ORT-fused graph."""
     import dataclasses
 
     from llada_onnx.models.block_sampler import generate
@@ -314,7 +341,7 @@ def test_cuda_llada2_block_cache_against_torch(llada2_cuda):
     ckpt, base = llada2_cuda
     model = LLaDA2Model.from_pretrained(ckpt)
     ids, mask = prompts(3, seed=2, pad_id=156892)
-    for form in ("decomposed", "fused"):
+    for form in ("decomposed", "fused", "ort"):
         pipe = Pipeline.from_pretrained(base / form, provider="cuda")
         for s in (BlockSettings(gen_length=32, block_length=8, steps=8),
                   BlockSettings(gen_length=32, block_length=8, steps=8, threshold=0.9, temperature=1.0, top_k=50)):
@@ -327,15 +354,18 @@ def test_cuda_llada2_block_cache_against_torch(llada2_cuda):
 
 
 def test_cuda_llada2_fp16_export(llada2_cuda):
-    """fp16 validated on CUDA (the full forward and the block cache) and generating every position."""
+    """fp16, unfused and ORT-fused, validated on CUDA (the full forward and the block cache); the fused one
+    generating every position."""
     from llada_onnx.export import export
 
     ckpt, base = llada2_cuda
-    report = export(ckpt, base / "fp16", dtype="fp16", device="cuda", progress=False).validation
-    print("LLaDA2 fp16 validation:", json.dumps(report))
-    assert report["finite"] and report["top_ids_decisive_agreement"] >= 0.99
-    assert report["block_cache"]["cached_mean_abs_diff"] <= report["block_cache"]["tolerance"]
+    for fusion in ("none", "ort"):
+        report = export(ckpt, base / f"fp16-{fusion}", dtype="fp16", device="cuda", fusion=fusion,
+                        progress=False).validation
+        print(f"LLaDA2 fp16 --fusion {fusion} validation:", json.dumps(report))
+        assert report["finite"] and report["top_ids_decisive_agreement"] >= 0.99
+        assert report["block_cache"]["cached_mean_abs_diff"] <= report["block_cache"]["tolerance"]
     ids, mask = prompts(2, seed=2, pad_id=156892)
-    out = Pipeline.from_pretrained(base / "fp16", provider="cuda").generate_ids(ids, mask, gen_length=16,
-                                                                               block_length=8)
+    out = Pipeline.from_pretrained(base / "fp16-ort", provider="cuda").generate_ids(ids, mask, gen_length=16,
+                                                                                   block_length=8)
     assert (out[:, ids.shape[1]:] != 156895).all()

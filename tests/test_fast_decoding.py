@@ -12,7 +12,7 @@ import pytest
 from llada_onnx.runtime import Pipeline, SamplerSettings
 from llada_onnx.runtime.policies import factor_count, threshold_count
 
-from conftest import prompts
+from conftest import graph_ops, prompts
 
 
 def test_threshold_rule_on_hand_made_confidences():
@@ -131,15 +131,6 @@ def test_cached_step_right_after_a_refresh_matches_the_full_forward(cache_pipe):
             np.testing.assert_array_equal(out.top_ids, full.top_ids)
 
 
-def cache_graph_ops(export_dir):
-    """How often each op type appears in the export's KV-cache graph."""
-    from collections import Counter
-
-    import onnx
-
-    return Counter(n.op_type for n in onnx.load(str(export_dir / "cache.onnx"), load_external_data=False).graph.node)
-
-
 def assert_cache_graph_exact(export_dir):
     """The export's cache graph validated within tolerance, and its cached decoding, refreshed every step,
     token-exact with its exact decoding."""
@@ -155,7 +146,7 @@ def assert_cache_graph_exact(export_dir):
 
 def test_fused_gqa_cache_graph(gqa_fused_onnx):
     """Grouped-query attention (query heads folded onto their key head) and the ORT-fused cache graph."""
-    ops = cache_graph_ops(gqa_fused_onnx)
+    ops = graph_ops(gqa_fused_onnx / "cache.onnx")
     assert ops["SkipSimplifiedLayerNormalization"] >= 2 and "ReduceMean" not in ops
     # one rotation per layer over the queries and keys together, one cos/sin of the fed rows for all layers
     assert ops["RotaryEmbedding"] == 2 and ops["Cos"] == ops["Sin"] == 1 and "Neg" not in ops
@@ -172,8 +163,9 @@ def test_cuda_form_of_the_cache_attention_on_the_cpu(tmp_path, tiny_ckpt, monkey
                         lambda model, required, device: fusion.fuse_for_onnxruntime(model, required, "cuda"))
     out = tmp_path / "cuda-form"
     export(tiny_ckpt, out, fusion="ort", cache=True, progress=False)
-    ops = cache_graph_ops(out)
+    ops = graph_ops(out / "cache.onnx")
     assert ops["MultiHeadAttention"] == ops["RotaryEmbedding"] == 2 and ops["Softmax"] == 1  # the head's
+    assert ops["Transpose"] == 4  # a layer's fresh keys and its fresh values, each alone
     assert_cache_graph_exact(out)
 
 

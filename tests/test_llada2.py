@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import onnx
 import pytest
 import torch
 
@@ -343,8 +344,7 @@ GRID = [dict(block_length=8, steps=8, threshold=0.95), dict(block_length=8, step
         dict(block_length=8, steps=8, threshold=0.95, temperature=1.0, top_k=50, top_p=0.9)]
 
 
-@pytest.mark.parametrize("options", GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2_ckpt, options):
+def assert_token_exact(pipe, ckpt, options):
     """The NumPy sampler on the export, with the exact block cache and without, against the torch reference on the
     checkpoint: same canvases, token for token, on a left-padded batch whose prompts do and do not divide the block
     (so the rows' blocks start at different canvas positions; seeded noise at temperature > 0)."""
@@ -352,7 +352,7 @@ def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2
 
     from llada_onnx.runtime.noise import Noise
 
-    model = LLaDA2Model.from_pretrained(llada2_ckpt)
+    model = LLaDA2Model.from_pretrained(ckpt)
     rng = np.random.default_rng(3)
     rows = [rng.integers(0, 1000, size=n) for n in (11, 8, 5)]
     width = max(len(r) for r in rows)
@@ -362,9 +362,34 @@ def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2
     want = generate(model, torch.from_numpy(ids), torch.from_numpy(mask), settings=s, mask_id=MASK, eos_id=EOS,
                     pad_id=EOS, noise=Noise.of(None, 7)).numpy()
     for cache in ("block", "none"):
-        got = llada2_pipe.generate_ids(ids, mask, seed=7, **dataclasses.asdict(dataclasses.replace(s, cache=cache)))
+        got = pipe.generate_ids(ids, mask, seed=7, **dataclasses.asdict(dataclasses.replace(s, cache=cache)))
         np.testing.assert_array_equal(got, want, err_msg=f"cache={cache}")
 
+
+@pytest.mark.parametrize("options", GRID, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_runtime_is_token_exact_with_the_torch_block_sampler(llada2_pipe, llada2_ckpt, options):
+    assert_token_exact(llada2_pipe, llada2_ckpt, options)
+
+
+def test_fused_export_rotates_the_leading_dims_in_one_op(tmp_path, llada2_ckpt):
+    """``--fusion ort``: each layer's queries and keys, normalised and then rotated on their first ``rotary_dim``
+    dims only, become one RotaryEmbedding each (``rotary_embedding_dim`` set, the other dims passed through); the
+    export validates with its block cache and the runtime stays token-exact with the torch block sampler."""
+    from llada_onnx.export import export
+    from llada_onnx.runtime import Pipeline
+
+    cfg = LLaDA2Config.from_pretrained(llada2_ckpt)
+    report = export(llada2_ckpt, tmp_path / "ort", fusion="ort", progress=False).validation
+    assert report["top_ids_decisive_disagreements"] == 0
+    assert report["block_cache"]["cached_max_abs_diff"] < report["block_cache"]["tolerance"]
+    graph = onnx.load(str(tmp_path / "ort" / "model.onnx"), load_external_data=False).graph
+    rotations = [n for n in graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rotations) == 2 * cfg.num_hidden_layers and cfg.rotary_dim < cfg.head_dim
+    assert all({a.name: a.i for a in n.attribute}["rotary_embedding_dim"] == cfg.rotary_dim for n in rotations)
+    assert sum(n.op_type == "Cos" for n in graph.node) == 1
+    pipe = Pipeline.from_pretrained(tmp_path / "ort")
+    for options in (GRID[0], GRID[-1]):
+        assert_token_exact(pipe, llada2_ckpt, options)
 
 
 def test_cached_steps_feed_one_block(llada2_pipe, monkeypatch):

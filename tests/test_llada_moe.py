@@ -21,7 +21,7 @@ from llada_onnx.models.moe import interleave_gate_up, moe_swiglu
 from llada_onnx.models.tiny import MOE_SPECIALS
 from llada_onnx.runtime import Manifest, Pipeline
 
-from conftest import dequantized_experts, prompts
+from conftest import dequantized_experts, graph_ops, prompts
 
 PAD = MOE_SPECIALS["<|endoftext|>"]
 
@@ -216,6 +216,26 @@ def test_kv_cache_refreshed_every_step_is_exact(moe_fused):
     np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache="dual", refresh_every=1, **kw), exact)
     fast = pipe.generate_ids(ids, mask, cache="dual", threshold=0.9, **kw)
     assert fast.shape == exact.shape and not (fast == 156895).any()
+
+
+def test_fused_export_rotates_the_normalised_heads_in_one_op(tmp_path, moe_ckpt, moe_model):
+    """``--fusion ort``: each layer normalises its queries and keys before rotating them, and each of the two
+    rotations becomes one RotaryEmbedding in both graphs (cos/sin computed once); the export validates and the
+    runtime stays token-exact with torch, with the KV cache refreshed every step too."""
+    from llada_onnx.export import export
+
+    report = export(moe_ckpt, tmp_path / "ort", fusion="ort", cache=True, progress=False).validation
+    assert report["logits_max_abs_diff"] < report["logits_tolerance"] and report["top_ids_agreement"] == 1.0
+    for graph in ("model.onnx", "cache.onnx"):
+        ops = graph_ops(tmp_path / "ort" / graph)
+        assert ops["RotaryEmbedding"] == 2 * moe_model.config.num_hidden_layers, graph
+        assert ops["Cos"] == ops["Sin"] == 1 and "Neg" not in ops, graph
+    pipe = Pipeline.from_pretrained(tmp_path / "ort")
+    ids, mask = prompts(3, seed=2, pad_id=PAD)
+    kw = dict(steps=8, gen_length=8, block_length=4)
+    want = generate(moe_model, torch.from_numpy(ids), torch.from_numpy(mask), **kw).numpy()
+    np.testing.assert_array_equal(pipe.generate_ids(ids, mask, **kw), want)
+    np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache="dual", refresh_every=1, **kw), want)
 
 
 def test_chat_with_an_instruct_layout_export(moe_fused):

@@ -2,7 +2,6 @@
 runs them (KV-cache graph included), that a trained model keeps its predictions, and the errors."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import onnx
@@ -14,14 +13,10 @@ from llada_onnx.export.quantize import quantize_graph
 from llada_onnx.runtime import Pipeline, default_onnx_dir
 from llada_onnx.runtime.manifest import MANIFEST_FILE, Manifest
 
-from conftest import prompts
+from conftest import graph_ops, prompts
 
 LINEARS_PER_LAYER = 4  # q|k|v, attn_out, ff_proj|up, ff_out (the exporter joins projections)
 KW = dict(steps=16, gen_length=16, block_length=8)
-
-
-def ops(graph) -> Counter:
-    return Counter(n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node)
 
 
 def data_bytes(export_dir) -> int:
@@ -44,7 +39,7 @@ def int4_onnx(tmp_path_factory, tiny_ckpt):
 
 def test_int8_quantizes_every_linear_layer(int8_onnx, tiny_onnx, tiny_model):
     n_layers = tiny_model.config.n_layers
-    counts = ops(int8_onnx / "model.onnx")
+    counts = graph_ops(int8_onnx / "model.onnx")
     assert counts["DynamicQuantizeMatMul"] == LINEARS_PER_LAYER * n_layers + 1  # + the LM head
     assert counts["MatMul"] == 2 * n_layers  # attention's activation x activation products stay float
     raw = json.loads((int8_onnx / MANIFEST_FILE).read_text())
@@ -55,14 +50,14 @@ def test_int8_quantizes_every_linear_layer(int8_onnx, tiny_onnx, tiny_model):
 
 def test_int4_quantizes_linears_head_and_embeddings(int4_onnx, tiny_onnx, tiny_model):
     n_layers = tiny_model.config.n_layers
-    counts = ops(int4_onnx / "model.onnx")
+    counts = graph_ops(int4_onnx / "model.onnx")
     assert counts["MatMulNBits"] == LINEARS_PER_LAYER * n_layers + 1 and counts["GatherBlockQuantized"] == 1
     raw = json.loads((int4_onnx / MANIFEST_FILE).read_text())
     assert raw["variant"] == "int4-b32" and raw["quantized_ops"] == {"MatMulNBits": 9, "GatherBlockQuantized": 1}
     assert raw["quantization"] == {"method": "int4", "block_size": 32, "accuracy_level": 0, "keep_head": False}
     assert data_bytes(int4_onnx) < 0.2 * data_bytes(tiny_onnx)
     # the KV-cache graph is quantized the same way and reads the main graph's quantized weights: no data of its own
-    assert ops(int4_onnx / "cache.onnx")["MatMulNBits"] == counts["MatMulNBits"]
+    assert graph_ops(int4_onnx / "cache.onnx")["MatMulNBits"] == counts["MatMulNBits"]
     assert sorted(p.name for p in int4_onnx.glob("*.data")) == ["model.onnx.data"]
 
 
@@ -233,7 +228,7 @@ def test_quantize_an_existing_export(tmp_path, tiny_cache_onnx, int4_onnx):
     assert main(["quantize", str(tiny_cache_onnx), str(out), "--quantize", "int4"]) == 0
     raw = json.loads((out / MANIFEST_FILE).read_text())
     assert raw["variant"] == "int4-b32" and raw["provenance"]["quantized_from"] == str(tiny_cache_onnx)
-    assert ops(out / "model.onnx") == ops(int4_onnx / "model.onnx")
+    assert graph_ops(out / "model.onnx") == graph_ops(int4_onnx / "model.onnx")
     assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]  # cache.onnx shares it
     assert data_bytes(out) == data_bytes(int4_onnx)
     report = json.loads((out / "validation.json").read_text())
