@@ -362,14 +362,15 @@ def attend_cached_in_one_op(model) -> int:
             {"num_heads": n_heads, "scale": float(scale.numpy().ravel()[0])}, domain="com.microsoft",
             num_outputs=3)
         fresh_keys = split.outputs[1]
-        if fresh_keys.is_graph_output():  # [B, H, n, D]: the graph output keeps its name
+        returned = fresh_keys.is_graph_output()
+        if returned:  # [B, H, n, D]: the graph output keeps its name
             name, fresh_keys.name = fresh_keys.name, f"{fresh_keys.name}_traced"
             keys = build.op("Transpose", [build.op("Reshape", [k, int64s(build, [0, 0, kv_heads, -1])])],
                             {"perm": [0, 2, 1, 3]})
             keys.name = name
         graph.insert_after(flat, build.nodes)
         ir.convenience.replace_all_uses_with(flat.outputs[0], out)
-        if fresh_keys.is_graph_output():
+        if returned:
             ir.convenience.replace_all_uses_with(fresh_keys, keys, replace_graph_outputs=True)
         rewritten += 1
     if rewritten:
