@@ -150,6 +150,7 @@ def test_fused_gqa_cache_graph(gqa_fused_onnx):
     assert ops["SkipSimplifiedLayerNormalization"] >= 2 and "ReduceMean" not in ops
     # one rotation per layer over the queries and keys together, one cos/sin of the fed rows for all layers
     assert ops["RotaryEmbedding"] == 2 and ops["Cos"] == ops["Sin"] == 1 and "Neg" not in ops
+    assert graph_ops(gqa_fused_onnx / "model.onnx")["RotaryEmbedding"] == 2  # the full forward's likewise
     assert_cache_graph_exact(gqa_fused_onnx)
 
 
