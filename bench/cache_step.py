@@ -1,6 +1,7 @@
 """Latency of one KV-cached step against one full forward, per canvas length (Fast-dLLM's block-wise cache).
 
     python -m bench.cache_step --models 8b --config config.json --provider cuda --fusion ort --lengths 384,1088
+    python -m bench.cache_step --export A --export B --rounds 4 --provider cuda --lengths 1088   # A against B
 
 For each canvas length L (batch 1, a 64-token prompt, block 32 at the start of the generated span) it times,
 medians over ``--reps`` calls after warm-up: the exact graph's full forward (predictions for the block), a cache
@@ -10,6 +11,10 @@ are bound on the device (IOBinding), as the runtime does, and cached steps are r
 runtime's default); the dual step is also timed without them, and with ``--profile`` its kernels are recorded
 (``bench.kernel_profile``). The ratio step / full forward bounds the
 end-to-end gain: with s steps per block, a block costs one refresh and s - 1 cached steps.
+
+Several ``--export`` directories are compared in one process (their sessions built once), alternating in
+``--rounds`` rounds whose order flips each round, so that a shared machine's drift falls on all of them alike;
+the report adds each export's medians over the rounds and their ratios to the first export's.
 """
 
 from __future__ import annotations
@@ -71,25 +76,49 @@ def measure(pipe: Pipeline, length: int, reps: int, uncaptured: KVCacheSession |
     return row
 
 
+TIMES = ("full_forward_ms", "refresh_ms", "dual_step_ms", "dual_step_uncaptured_ms", "prefix_step_ms")
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """Each export's and length's medians over the rounds, with their ratios to the first export's."""
+    keys = [k for k in TIMES if k in rows[0]]
+    out = []
+    for export in dict.fromkeys(r["export"] for r in rows):
+        for length in dict.fromkeys(r["length"] for r in rows):
+            mine = [r for r in rows if r["export"] == export and r["length"] == length]
+            out.append({"export": export, "length": length, "rounds": len(mine),
+                        **{k: statistics.median(r[k] for r in mine) for k in keys}})
+    for m in out:
+        first = next(f for f in out if f["length"] == m["length"])
+        m["vs_first"] = {k: m[k] / first[k] for k in keys}
+    return out
+
+
 def markdown(report: dict) -> str:
     where = report["machine"].get("gpu") if report["provider"] == "cuda" else report["machine"]["processor"]
     threads = f" ({report['threads']} threads)" if report.get("threads") else ""
+    several = len(report["rows"]) > len({r["length"] for r in report["rows"]})
     lines = [f"{report['model']} ({report['parameters'] / 1e6:,.0f}M parameters), {report['provider']}, "
              f"fusion {report.get('fusion', 'none')}, {where}{threads}, batch 1, block {BLOCK}, "
              f"medians of {report['reps']}:", ""]
-    plain = "dual_step_uncaptured_ms" in report["rows"][0]
-    lines += table(["canvas length", "full forward ms", "refresh ms", "dual-cache step ms",
-                    *(["dual step without CUDA graphs ms"] if plain else []), "prefix-cache step ms",
+    keys = [k for k in TIMES if k in report["rows"][0]]
+    headers = {"full_forward_ms": "full forward ms", "refresh_ms": "refresh ms", "dual_step_ms": "dual-cache step ms",
+               "dual_step_uncaptured_ms": "dual step without CUDA graphs ms", "prefix_step_ms": "prefix-cache step ms"}
+    lines += table([*(["export, round"] if several else []), "canvas length", *(headers[k] for k in keys),
                     "dual / full", "prefix / full"],
-                   [[r["length"], *(f"{r[k]:.2f}" for k in ("full_forward_ms", "refresh_ms", "dual_step_ms",
-                                                              *(["dual_step_uncaptured_ms"] if plain else []),
-                                                              "prefix_step_ms")),
-                     f"{r['dual_step_fraction']:.3f}", f"{r['prefix_step_fraction']:.3f}"] for r in report["rows"]])
+                   [[*([f"{r['export']}, {r['round']}"] if several else []), r["length"],
+                     *(f"{r[k]:.2f}" for k in keys), f"{r['dual_step_fraction']:.3f}",
+                     f"{r['prefix_step_fraction']:.3f}"] for r in report["rows"]])
+    if several:
+        lines += ["", "Medians over the rounds (in brackets: against the first export):", ""]
+        lines += table(["export", "canvas length", *(headers[k] for k in keys)],
+                       [[m["export"], m["length"], *(f"{m[k]:.2f} ({m['vs_first'][k]:.2f}x)" for k in keys)]
+                        for m in report["medians"]])
     for r in report["rows"]:
         if "dual_step_profile" in r:
-            lines += ["", f"Dual-cache step at canvas {r['length']}, replayed. " + kernel_profile.markdown(
-                {"llada-onnx dual-cache step": r["dual_step_profile"]},
-                {"llada-onnx dual-cache step": r["dual_step_ms"]})]
+            lines += ["", f"Dual-cache step of {r['export']} at canvas {r['length']}, replayed. "
+                      + kernel_profile.markdown({"llada-onnx dual-cache step": r["dual_step_profile"]},
+                                                {"llada-onnx dual-cache step": r["dual_step_ms"]})]
     return "\n".join(lines) + "\n"
 
 
@@ -97,10 +126,13 @@ def chart(report: dict):
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    lengths = [r["length"] for r in report["rows"]]
-    for key, label in (("full_forward_ms", "full forward"), ("refresh_ms", "refresh"),
-                       ("prefix_step_ms", "prefix-cache step"), ("dual_step_ms", "dual-cache step")):
-        ax.plot(lengths, [r[key] for r in report["rows"]], "o-", label=label)
+    exports = list(dict.fromkeys(m["export"] for m in report["medians"]))
+    for export in exports:
+        mine = [m for m in report["medians"] if m["export"] == export]
+        for key, label in (("full_forward_ms", "full forward"), ("refresh_ms", "refresh"),
+                           ("prefix_step_ms", "prefix-cache step"), ("dual_step_ms", "dual-cache step")):
+            ax.plot([m["length"] for m in mine], [m[key] for m in mine], "o-",
+                    label=f"{export}: {label}" if len(exports) > 1 else label)
     ax.set_xlabel("canvas length")
     ax.set_ylabel("ms per model call")
     ax.set_title(f"{report['model']}, {report['provider']}")
@@ -118,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="export fusion of both graphs (--models; an --export has its own)")
     p.add_argument("--lengths", default="384,1088")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--export", help="time this export (made with --cache) instead of the --models one")
+    p.add_argument("--export", action="append",
+                   help="time this export (made with --cache) instead of the --models one (repeatable: compared)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds over the exports, alternating their order")
     p.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's)")
     p.add_argument("--profile", action="store_true", help="also record the dual step's CUDA kernels (CUPTI)")
     p.add_argument("--work", default=".bench")
@@ -127,19 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     if a.profile:
         kernel_profile.require_cuda(a.provider)
     if a.export:
-        pipe = Pipeline.from_pretrained(a.export, provider=a.provider, threads=a.threads)
-        name, parameters = Path(a.export).name, pipe.manifest.raw["model"]["parameters"]
+        dirs = [Path(e) for e in a.export]
+        names = [d.name if [e.name for e in dirs].count(d.name) == 1 else str(d) for d in dirs]
     else:
         model = prepare_model(a.models, Path(a.work), a.provider, a.config, [a.fusion],
                               a.n_layers if a.models == "8b" else None, cache=True)
-        pipe = Pipeline.from_pretrained(model.onnx[a.fusion], provider=a.provider, threads=a.threads)
-        name, parameters = model.name, model.parameters
-    lengths = [int(n) for n in a.lengths.split(",") if int(n) <= pipe.manifest.max_sequence_length]
-    uncaptured = KVCacheSession(pipe.manifest, "cuda", cuda_graphs=False) if a.provider == "cuda" else None
-    report = {"model": name, "parameters": parameters, "provider": a.provider, "threads": a.threads,
-              "fusion": pipe.manifest.raw.get("fusion", "none"), "reps": a.reps,
-              "machine": machine(), "rows": [measure(pipe, n, a.reps, uncaptured, a.profile)
-                                                      for n in lengths]}
+        dirs, names = [model.onnx[a.fusion]], [model.name]
+    pipes = [Pipeline.from_pretrained(d, provider=a.provider, threads=a.threads) for d in dirs]
+    first = pipes[0].manifest
+    lengths = [int(n) for n in a.lengths.split(",") if int(n) <= first.max_sequence_length]
+    uncaptured = [KVCacheSession(pipe.manifest, "cuda", cuda_graphs=False) if a.provider == "cuda" else None
+                  for pipe in pipes]
+    rows = []
+    for round_ in range(1, a.rounds + 1):
+        order = range(len(pipes)) if round_ % 2 else reversed(range(len(pipes)))
+        for i in order:
+            rows += [{"export": names[i], "round": round_,
+                      **measure(pipes[i], n, a.reps, uncaptured[i], a.profile and round_ == 1)} for n in lengths]
+    report = {"model": names[0] if a.export is None else ", ".join(names),
+              "parameters": first.raw["model"]["parameters"], "provider": a.provider, "threads": a.threads,
+              "fusion": first.raw.get("fusion", "none"), "reps": a.reps, "machine": machine(),
+              "rows": rows, "medians": medians(rows)}
     save_report(Path(a.out), report, markdown(report), chart, "latency.png")
     return 0
 

@@ -109,3 +109,21 @@ def test_kernel_profile_groups_kernels_by_what_they_do():
                "top": [{"name": "nvjet_hsh", "category": "matrix products", "ms": 2.5, "kernels": 8.0}]}
     text = markdown({"engine": profile}, {"engine": 3.4})
     assert "| matrix products | 2.50 (8) |" in text and "| no kernel running | 0.40 |" in text
+
+
+def test_cache_step_compares_exports_in_alternating_rounds(tmp_path, tiny_cache_onnx):
+    """Two exports (here one, under two names) timed in one process over two rounds: a row per export, round and
+    length, and each export's medians with their ratios to the first's."""
+    from bench.cache_step import main as cache_step_main
+
+    (tmp_path / "other").symlink_to(tiny_cache_onnx)
+    out = tmp_path / "step"
+    assert cache_step_main(["--export", str(tiny_cache_onnx), "--export", str(tmp_path / "other"), "--rounds", "2",
+                            "--lengths", "96", "--reps", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    names = [tiny_cache_onnx.name, "other"]
+    assert [(r["export"], r["round"]) for r in report["rows"]] == [(names[0], 1), (names[1], 1), (names[1], 2),
+                                                                    (names[0], 2)]
+    assert [m["export"] for m in report["medians"]] == names and report["medians"][0]["vs_first"]["dual_step_ms"] == 1
+    assert all(m["rounds"] == 2 and m["dual_step_ms"] > 0 for m in report["medians"])
+    assert "| other | 96 |" in (out / "report.md").read_text()
