@@ -241,7 +241,7 @@ def rotate_heads(model) -> int:
         shape, half = heads.shape, angles.shape[-1] if angles.shape is not None else None
         if not (isinstance(half, int) and angles.shape.rank() in (2, 3) and shape is not None and shape.rank() == 4
                 and all(isinstance(d, int) for d in shape[2:]) and 2 * half <= shape[3]
-                and rotated.dtype == heads.dtype):
+                and rotated.dtype == heads.dtype and not rotated.is_graph_output()):
             continue
         n_heads, head_dim = shape[2], shape[3]
         build = tape.Tape()
