@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in order:
             rows += [{"export": names[i], "round": round_,
                       **measure(pipes[i], n, a.reps, uncaptured[i], a.profile and round_ == 1)} for n in lengths]
-    report = {"model": names[0] if a.export is None else ", ".join(names),
+    report = {"model": ", ".join(names),
               "parameters": first.raw["model"]["parameters"], "provider": a.provider, "threads": a.threads,
               "fusion": first.raw.get("fusion", "none"), "reps": a.reps, "machine": machine(),
               "rows": rows, "medians": medians(rows)}

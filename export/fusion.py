@@ -142,7 +142,7 @@ def rotate_in_attention(model) -> int:
     from onnx_ir import tape
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    graph, caches, shared_bias, rewritten = model.graph, {}, None, 0
+    graph, tables, shared_bias, rewritten = model.graph, {}, None, 0
     for mha in [n for n in graph if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]:
         q_in, k_in, v_in = mha.inputs[:3]
         q_t = made_by(q_in, "Reshape") and made_by(made_by(q_in, "Reshape").inputs[0], "Transpose")
@@ -170,10 +170,9 @@ def rotate_in_attention(model) -> int:
             continue
         head_dim = width // (q_heads + 2 * kv_heads)
         build = tape.Tape()
-        if angles not in caches:  # cos and sin of the [S, D/2] angles, once for every layer
-            caches[angles] = (cast_to(build, build.op("Cos", [angles]), dtype),
-                              cast_to(build, build.op("Sin", [angles]), dtype), int64s(build, [0]))
-        cos_cache, sin_cache, first_position = caches[angles]
+        if angles not in tables:  # cos and sin of the [S, D/2] angles, once for every layer
+            tables[angles] = _rotary_tables(build, angles, dtype)
+        first_position, cos_cache, sin_cache = tables[angles]
         widths = int64s(build, [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
         q, k, v = build.op_multi_out("Split", [qkv, widths], {"axis": -1}, num_outputs=3)
         q, k = (build.op("RotaryEmbedding", [t, first_position, cos_cache, sin_cache],

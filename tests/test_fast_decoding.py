@@ -131,17 +131,23 @@ def test_cached_step_right_after_a_refresh_matches_the_full_forward(cache_pipe):
             np.testing.assert_array_equal(out.top_ids, full.top_ids)
 
 
-def assert_cache_graph_exact(export_dir):
-    """The export's cache graph validated within tolerance, and its cached decoding, refreshed every step,
-    token-exact with its exact decoding."""
+def assert_cache_graph_exact(export_dir, provider: str = "cpu", agreement: float = 1.0):
+    """The export's cache graph validated within tolerance, and its cached decoding (dual and prefix), refreshed
+    every step, equal to its exact decoding on at least ``agreement`` of the generated positions (all of them by
+    default: token-exact)."""
     report = json.loads((export_dir / "validation.json").read_text())["cache_graph"]
+    print(f"{export_dir.name} cache graph validation:", json.dumps(report))
     assert max(report["step_max_abs_diff"], report["refresh_max_abs_diff"]) <= report["tolerance"]
-    pipe = Pipeline.from_pretrained(export_dir)
+    pipe = Pipeline.from_pretrained(export_dir, provider=provider)
     ids, mask = prompts(3, seed=5)
     kw = dict(gen_length=16, block_length=8, steps=16)
     exact = pipe.generate_ids(ids, mask, **kw)
     for mode in ("dual", "prefix"):
-        np.testing.assert_array_equal(pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw), exact)
+        cached = pipe.generate_ids(ids, mask, cache=mode, refresh_every=1, **kw)
+        np.testing.assert_array_equal(cached[:, :ids.shape[1]], exact[:, :ids.shape[1]])
+        share = float((cached[:, ids.shape[1]:] == exact[:, ids.shape[1]:]).mean())
+        print(f"{export_dir.name} {mode} cache vs exact: {share:.3f}")
+        assert share >= agreement
 
 
 def test_fused_gqa_cache_graph(gqa_fused_onnx):
