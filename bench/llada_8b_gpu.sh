@@ -17,7 +17,8 @@
 #   run         whole generations (gen 256, 256 steps, block 32; bench.run): tokens/s against torch eager and
 #               torch.compile (reduce-overhead)
 #   step        the dual-cache step at canvas 1088, block 32 (bench.cache_step) and torch.compile's step of the same
-#               algorithm (bench.step_floor --compile), both replayed as CUDA graphs, with their kernel profiles
+#               algorithm (bench.step_floor --compile), both replayed as CUDA graphs, with their kernel profiles, and
+#               the step's attention alone in the cache graph's two forms (bench.cached_attention)
 #   cpu-quant   the CPU at 16 threads: fp32, int8, int4 and int4 at accuracy level 4 (int8 dot products: AVX-512
 #               VNNI / AMX) at the 8B width with 2 of its 32 layers (bench.quantization: size, step, agreement)
 # Logs: $WORK/8b[-Nl]-STAGE.log.
@@ -49,7 +50,8 @@ step() {
   python3 -m bench.cache_step --export $M/onnx-fp16-ort --provider cuda --lengths 1088 --profile \
       --out $R/gpu-h200-$T-cache-step &&
   python3 -m bench.step_floor --config $C ${L:+--n-layers $L} --device cuda --length 1088 --compile --profile \
-      --out $R/gpu-h200-$T-step-floor
+      --out $R/gpu-h200-$T-step-floor &&
+  python3 -m bench.cached_attention --config $C ${L:+--n-layers $L} --provider cuda --out $R/gpu-h200-$T-cached-attention
 }
 
 cpu_quant() {

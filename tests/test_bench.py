@@ -62,6 +62,23 @@ def test_step_floor_smoke(tmp_path):
     assert (out / "step_floor.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cached_attention_forms_agree(tmp_path):
+    """The step's attention in its one-op form and its traced form compute the same, and both are timed."""
+    from bench.cached_attention import main as cached_attention_main
+
+    from llada_onnx.runtime import default_checkpoint_dir
+
+    out = tmp_path / "attention"
+    assert cached_attention_main(["--config", str(default_checkpoint_dir() / "config.json"), "--provider", "cpu",
+                                  "--past", "96", "--reps", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["shape"] == {"heads": 4, "head_dim": 64, "layers": 6, "past": 96, "block": 32}
+    assert [r["form"] for r in report["results"]] == ["traced", "MultiHeadAttention"]
+    assert all(r["ms"] > 0 for r in report["results"])
+    assert report["results"][1]["max_abs_diff"] < 1e-5
+    assert "| MultiHeadAttention | 0 |" in (out / "report.md").read_text()
+
+
 def test_block_step_smoke(tmp_path):
     """LLaDA2's block step bench on a small config in the mini layout: the cached step and the full forward for
     torch and the runtime, and the tokens/s columns (the measured rate included)."""
