@@ -7,8 +7,9 @@ Every layer of the dual-cache step attends its 32 block tokens over the keys cac
 A CUDA export writes that as one ``com.microsoft.MultiHeadAttention`` with ``past_key`` / ``past_value``
 (``export/fusion.py`` ``attend_cached_in_one_op``); a CPU export keeps the traced form (scores against the past
 and against the fresh keys, joined, plus the bias, softmax, the two value products and their sum). This builds
-both for the config's heads and layers (fp16 on CUDA, fp32 on the CPU; random queries, keys and cache; each
-layer's output is the next one's queries), checks that they agree, and times each: replayed as a CUDA graph on
+both for the config's heads and layers (fp16 on CUDA, fp32 on the CPU; random queries, keys and cache, each
+layer with a cache of its own as in the step, so that no layer finds another's in the GPU's L2; each layer's
+output is the next one's queries), checks that they agree, and times each: replayed as a CUDA graph on
 CUDA, as the runtime replays its steps; medians over ``--reps``. ``MultiHeadAttention`` runs once per value of
 onnxruntime's ``sdpa_kernel`` CUDA option (its attention-kernel bitmask: 0 its own choice, 1 flash, 2 memory
 efficient, 8 cuDNN flash, 16 unfused; a kernel that cannot take the attention bias falls back to the unfused one).
@@ -27,11 +28,13 @@ import numpy as np
 from .harness import machine
 from .report import save_report, table
 
-# onnxruntime 1.2x-1.3x reads models up to IR version 10; newer onnx packages write later ones by default.
+# The exported graphs' IR version: onnx writes its newest by default, which older onnxruntime releases (1.31, the
+# GPU machine's) refuse to load.
 IR_VERSION = 10
 
 
 def _model(nodes, out: str, shapes: dict[str, list[int]], dtype) -> bytes:
+    """The serialized model of ``nodes`` with inputs ``shapes`` and the queries' shape as its output ``out``."""
     from onnx import helper
 
     inputs = [helper.make_tensor_value_info(name, dtype, shape) for name, shape in shapes.items()]
@@ -47,7 +50,7 @@ def one_op(layers: int, heads: int, scale: float) -> tuple[list, str]:
 
     nodes, x = [], "q"
     for i in range(layers):
-        nodes.append(helper.make_node("MultiHeadAttention", [x, "k", "v", "", "", "bias", "past_k", "past_v"],
+        nodes.append(helper.make_node("MultiHeadAttention", [x, "k", "v", "", "", "bias", f"past_k{i}", f"past_v{i}"],
                                       [f"out{i}", f"present_k{i}", f"present_v{i}"], domain="com.microsoft",
                                       num_heads=heads, scale=scale))
         x = f"out{i}"
@@ -55,8 +58,8 @@ def one_op(layers: int, heads: int, scale: float) -> tuple[list, str]:
 
 
 def traced(layers: int, heads: int, head_dim: int, past: int, block: int, scale: float, dtype) -> tuple[list, str]:
-    """``layers`` attentions in the traced form, the fresh keys' and values' heads and the past keys' transpose
-    computed once (the cache graph computes them once a layer from inputs of their own)."""
+    """``layers`` attentions in the traced form, the fresh keys' and values' heads computed once (the cache
+    graph computes them once a layer, from its own projections)."""
     from onnx import helper
 
     def ints(name, values):
@@ -69,21 +72,21 @@ def traced(layers: int, heads: int, head_dim: int, past: int, block: int, scale:
              node("Reshape", ["k", "heads_shape"], ["k_heads"]),
              node("Transpose", ["k_heads"], ["k_t"], perm=[0, 2, 3, 1]),
              node("Reshape", ["v", "heads_shape"], ["v_heads"]),
-             node("Transpose", ["v_heads"], ["v_h"], perm=[0, 2, 1, 3]),
-             node("Transpose", ["past_k"], ["past_k_t"], perm=[0, 1, 3, 2])]
+             node("Transpose", ["v_heads"], ["v_h"], perm=[0, 2, 1, 3])]
     x = "q"
     for i in range(layers):
         p = f"l{i}_"
         nodes += [node("Reshape", [x, "heads_shape"], [p + "q_heads"]),
                   node("Transpose", [p + "q_heads"], [p + "q_h"], perm=[0, 2, 1, 3]),
                   node("Mul", [p + "q_h", "scale"], [p + "q_scaled"]),
-                  node("MatMul", [p + "q_scaled", "past_k_t"], [p + "scores_past"]),
+                  node("Transpose", [f"past_k{i}"], [p + "past_k_t"], perm=[0, 1, 3, 2]),
+                  node("MatMul", [p + "q_scaled", p + "past_k_t"], [p + "scores_past"]),
                   node("MatMul", [p + "q_scaled", "k_t"], [p + "scores_fresh"]),
                   node("Concat", [p + "scores_past", p + "scores_fresh"], [p + "scores"], axis=-1),
                   node("Add", [p + "scores", "bias"], [p + "biased"]),
                   node("Softmax", [p + "biased"], [p + "weights"], axis=-1),
                   node("Split", [p + "weights", "parts"], [p + "w_past", p + "w_fresh"], axis=-1),
-                  node("MatMul", [p + "w_past", "past_v"], [p + "out_past"]),
+                  node("MatMul", [p + "w_past", f"past_v{i}"], [p + "out_past"]),
                   node("MatMul", [p + "w_fresh", "v_h"], [p + "out_fresh"]),
                   node("Add", [p + "out_past", p + "out_fresh"], [p + "out_h"]),
                   node("Transpose", [p + "out_h"], [p + "out_t"], perm=[0, 2, 1, 3]),
@@ -124,8 +127,8 @@ def measure(*, heads: int, head_dim: int, layers: int, past: int, block: int, pr
     rng = np.random.default_rng(0)
     width = heads * head_dim
     shapes = {"q": [1, block, width], "k": [1, block, width], "v": [1, block, width],
-              "bias": [1, 1, block, past + block], "past_k": [1, heads, past, head_dim],
-              "past_v": [1, heads, past, head_dim]}
+              "bias": [1, 1, block, past + block]}
+    shapes.update({f"past_{kv}{i}": [1, heads, past, head_dim] for i in range(layers) for kv in "kv"})
     feeds = {name: (np.zeros(shape) if name == "bias" else rng.standard_normal(shape)).astype(np_dtype)
              for name, shape in shapes.items()}
     scale = head_dim ** -0.5
