@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from .cache_step import timed
 from .harness import machine
 from .report import save_report, table
 
@@ -95,12 +95,13 @@ def traced(layers: int, heads: int, head_dim: int, past: int, block: int, scale:
     return nodes, x
 
 
-def _time(blob: bytes, out: str, feeds: dict, provider: str, options: dict, reps: int) -> tuple[float, np.ndarray]:
+def _time(blob: bytes, out: str, feeds: dict, provider: str, sdpa_kernel: int, reps: int) -> tuple[float, np.ndarray]:
     """Median ms of one call through IOBinding (replayed as a CUDA graph on CUDA) and the output."""
     import onnxruntime as ort
 
     device = "cuda" if provider == "cuda" else "cpu"
-    providers = ([("CUDAExecutionProvider", dict(options, enable_cuda_graph="1")), "CPUExecutionProvider"]
+    options = {"enable_cuda_graph": "1", **({"sdpa_kernel": str(sdpa_kernel)} if sdpa_kernel else {})}
+    providers = ([("CUDAExecutionProvider", options), "CPUExecutionProvider"]
                  if provider == "cuda" else ["CPUExecutionProvider"])
     session = ort.InferenceSession(blob, providers=providers)
     binding = session.io_binding()
@@ -109,14 +110,7 @@ def _time(blob: bytes, out: str, feeds: dict, provider: str, options: dict, reps
         binding.bind_ortvalue_input(name, value)
     result = ort.OrtValue.ortvalue_from_shape_and_type(list(feeds["q"].shape), feeds["q"].dtype, device, 0)
     binding.bind_ortvalue_output(out, result)
-    for _ in range(3):
-        session.run_with_iobinding(binding)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        session.run_with_iobinding(binding)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3, result.numpy()
+    return timed(lambda: session.run_with_iobinding(binding), reps), result.numpy()
 
 
 def measure(*, heads: int, head_dim: int, layers: int, past: int, block: int, provider: str,
@@ -132,14 +126,14 @@ def measure(*, heads: int, head_dim: int, layers: int, past: int, block: int, pr
     feeds = {name: (np.zeros(shape) if name == "bias" else rng.standard_normal(shape)).astype(np_dtype)
              for name, shape in shapes.items()}
     scale = head_dim ** -0.5
-    forms = [("traced", {}, traced(layers, heads, head_dim, past, block, scale, dtype))]
-    forms += [("MultiHeadAttention", {"sdpa_kernel": str(k)} if k else {}, one_op(layers, heads, scale))
+    forms = [("traced", 0, traced(layers, heads, head_dim, past, block, scale, dtype))]
+    forms += [("MultiHeadAttention", k, one_op(layers, heads, scale))
               for k in (sdpa_kernels if provider == "cuda" else [0])]
     rows, reference = [], None
-    for form, options, (nodes, out) in forms:
-        ms, output = _time(_model(nodes, out, shapes, dtype), out, feeds, provider, options, reps)
+    for form, sdpa_kernel, (nodes, out) in forms:
+        ms, output = _time(_model(nodes, out, shapes, dtype), out, feeds, provider, sdpa_kernel, reps)
         reference = output if reference is None else reference
-        rows.append({"form": form, "sdpa_kernel": int(options.get("sdpa_kernel", 0)), "ms": ms,
+        rows.append({"form": form, "sdpa_kernel": sdpa_kernel, "ms": ms,
                      "ms_per_layer": ms / layers,
                      "max_abs_diff": float(np.abs(output.astype(np.float32) - reference.astype(np.float32)).max())})
     return rows
@@ -157,6 +151,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llada_onnx.models.config import LLaDAConfig
+
     p = argparse.ArgumentParser(prog="python -m bench.cached_attention", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="config.json giving the heads and layers (e.g. LLaDA-8B's)")
     p.add_argument("--n-layers", type=int, help="override the config's layer count")
@@ -167,12 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--out", default="bench/results/cached-attention")
     a = p.parse_args(argv)
-    config = json.loads(Path(a.config).read_text())
-    heads, layers = config["n_heads"], a.n_layers or config["n_layers"]
-    if config.get("n_kv_heads", heads) != heads:
+    config = LLaDAConfig.from_dict(json.loads(Path(a.config).read_text()), source=a.config)
+    if config.n_kv_heads != config.n_heads:
         raise SystemExit("this config uses grouped-query attention, whose cache attention the exporter keeps traced")
-    shape = {"heads": heads, "head_dim": config["d_model"] // heads, "layers": layers, "past": a.past,
-             "block": a.block}
+    shape = {"heads": config.n_heads, "head_dim": config.head_dim, "layers": a.n_layers or config.n_layers,
+             "past": a.past, "block": a.block}
     results = measure(**shape, provider=a.provider, sdpa_kernels=[int(k) for k in a.sdpa_kernels.split(",")],
                       reps=a.reps)
     report = {"shape": shape, "provider": a.provider, "reps": a.reps, "machine": machine(), "results": results}
